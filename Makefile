@@ -1,0 +1,42 @@
+# esmc_lens: `make demo` and `make test` set everything up on a fresh machine (Python 3.10+
+# and access to PyPI) and are no-ops to re-install when nothing changed.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Re-install only when the dependency spec changes.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+export ESMC_DATA ?= $(abspath ../shared/data/esmc)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-fast notebooks lint bench clean
+
+install: $(STAMP)
+
+$(STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0 -c constraints.txt
+	$(BIN)/python -m pip install -q -e '.[dev,notebooks]' -c constraints.txt
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/esmc-lens demo
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+notebooks: install
+	$(BIN)/python -m pytest -q --nbmake notebooks
+
+lint: install
+	$(BIN)/ruff check esmc_lens tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs

@@ -1,0 +1,340 @@
+"""Pseudo-label clustering head (paper section 3.2, Algorithm 2), implemented correctly.
+
+1. k-means on the embeddings gives K clusters and centroids.
+2. In every k-means cluster, the ``ceil(alpha * n_k)`` members nearest to that cluster's
+   OWN centroid (by the k-means assignment, never by ground truth) become pseudo-labelled
+   training samples with label k.
+3. A 2-layer MLP ``d -> hidden_dim -> K`` is trained on them with cross-entropy and Adam
+   for ``epochs`` epochs; the model after the LAST epoch is used (no model selection).
+4. Every sample is labelled by the argmax of the head.
+
+The published code picks pseudo-labels by distance to ``centroids[true_labels]`` and
+reports the best epoch judged against the ground truth; both leak labels and are not done
+here. ``y`` is accepted by ``fit`` for API compatibility and ignored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.cluster import KMeans
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import nn
+
+__all__ = ["PseudoLabelHead", "select_pseudo_labels"]
+
+# Rows per forward pass at prediction time: bounds memory for |V| = 32000-dim inputs
+# (1024 x 32000 float32 = 131 MB).
+_PREDICT_CHUNK = 1024
+
+
+def _as_float32_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """float32 tensor on ``device``; copies read-only arrays, which torch cannot share."""
+    a = np.asarray(a, dtype=np.float32)
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def select_pseudo_labels(
+    X: np.ndarray, assignment: np.ndarray, centers: np.ndarray, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pick the ``ceil(alpha * n_k)`` members of each cluster nearest to its own centroid.
+
+    Parameters
+    ----------
+    X : numpy.ndarray, shape (n_samples, n_features)
+        Points (in the space k-means ran in).
+    assignment : numpy.ndarray of int, shape (n_samples,)
+        Cluster index of every point (k-means assignment).
+    centers : numpy.ndarray, shape (n_clusters, n_features)
+        Cluster centroids.
+    alpha : float in (0, 1]
+        Fraction of each cluster to keep; at least one point per non-empty cluster.
+
+    Returns
+    -------
+    indices : numpy.ndarray of int64, shape (n_pseudo,)
+        Selected sample indices, grouped by cluster, nearest first within a cluster
+        (ties broken by the lower index).
+    labels : numpy.ndarray of int64, shape (n_pseudo,)
+        Pseudo-label (= cluster index) of each selected sample.
+    """
+    indices: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for k in range(centers.shape[0]):
+        members = np.flatnonzero(assignment == k)
+        if members.size == 0:
+            continue
+        diff = X[members].astype(np.float64) - centers[k].astype(np.float64)
+        dist = np.einsum("ij,ij->i", diff, diff)  # squared Euclidean, eq. (5)
+        # round() first: 0.3 * 10 is 3.0000000000000004 in floating point and must give 3.
+        n_keep = max(1, math.ceil(round(alpha * members.size, 9)))
+        order = np.argsort(dist, kind="stable")[:n_keep]
+        indices.append(members[order])
+        labels.append(np.full(n_keep, k, dtype=np.int64))
+    return np.concatenate(indices).astype(np.int64), np.concatenate(labels)
+
+
+def _init_linear(layer: nn.Linear, generator: torch.Generator) -> None:
+    """PyTorch's default ``nn.Linear`` init, but drawn from a local generator."""
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(layer.in_features) if layer.in_features > 0 else 0.0
+    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+class PseudoLabelHead(ClusterMixin, BaseEstimator):
+    """k-means + pseudo-label MLP clustering head (ESMC Algorithm 2).
+
+    Parameters
+    ----------
+    n_clusters : int, default 8
+        Number of clusters K (>= 2, <= n_samples).
+    alpha : float, default 0.3
+        Fraction of each k-means cluster used as pseudo-labels, in (0, 1]. Paper: 0.1-0.4.
+    hidden_dim : int, default 512
+        Hidden units of the MLP.
+    epochs : int, default 100
+        Training epochs; the final epoch's model is kept.
+    lr : float, default 1e-3
+        Adam learning rate.
+    batch_size : int or None, default None
+        Minibatch size; None trains full-batch on all pseudo-labelled samples.
+    weight_decay : float, default 0.0
+        Adam weight decay.
+    standardize : bool, default False
+        Z-score features (statistics over all of ``X`` in ``fit``) before k-means and the
+        MLP. Constant features are left centred but unscaled.
+    n_init : int, default 10
+        k-means restarts.
+    random_state : int, RandomState or None, default None
+        Seeds k-means, MLP initialisation and shuffling. Global torch RNG state is untouched.
+    device : str, default "cpu"
+        Torch device for the MLP.
+
+    Attributes
+    ----------
+    labels_ : numpy.ndarray of int64, shape (n_samples,)
+        Head argmax for every training sample.
+    kmeans_labels_ : numpy.ndarray of int64, shape (n_samples,)
+        k-means assignment.
+    cluster_centers_ : numpy.ndarray, shape (n_clusters, n_features)
+        k-means centroids (in the standardised space if ``standardize``).
+    pseudo_indices_ : numpy.ndarray of int64, shape (n_pseudo,)
+        Indices of the pseudo-labelled samples.
+    pseudo_labels_ : numpy.ndarray of int64, shape (n_pseudo,)
+        Their pseudo-labels (k-means cluster).
+    loss_curve_ : list of float, length epochs
+        Mean training cross-entropy of each epoch.
+    n_features_in_ : int
+        Input dimension.
+    head_ : torch.nn.Sequential
+        Trained MLP ``Linear(d, hidden_dim), ReLU, Linear(hidden_dim, K)`` (float32, eval).
+    mean_, scale_ : numpy.ndarray, shape (n_features,)
+        Standardisation statistics (only if ``standardize``).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        alpha: float = 0.3,
+        hidden_dim: int = 512,
+        epochs: int = 100,
+        lr: float = 1e-3,
+        batch_size: int | None = None,
+        weight_decay: float = 0.0,
+        standardize: bool = False,
+        n_init: int = 10,
+        random_state: int | np.random.RandomState | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self.n_clusters = n_clusters
+        self.alpha = alpha
+        self.hidden_dim = hidden_dim
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.weight_decay = weight_decay
+        self.standardize = standardize
+        self.n_init = n_init
+        self.random_state = random_state
+        self.device = device
+
+    def _check_params(self, n_samples: int) -> None:
+        def is_int(v: object) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        if not is_int(self.n_clusters) or self.n_clusters < 2:
+            raise ValueError(f"n_clusters must be an int >= 2, got {self.n_clusters!r}")
+        if self.n_clusters > n_samples:
+            raise ValueError(
+                f"n_clusters={self.n_clusters} must be <= n_samples={n_samples}; "
+                "pass more samples or fewer clusters"
+            )
+        alpha = self.alpha
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float, np.integer, np.floating))
+            or not 0.0 < float(alpha) <= 1.0
+        ):
+            raise ValueError(f"alpha must be a number in (0, 1], got alpha={alpha!r}")
+        for name in ("hidden_dim", "epochs", "n_init"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.batch_size is not None and (not is_int(self.batch_size) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be None or an int >= 1, got {self.batch_size!r}")
+        if not float(self.lr) > 0.0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not float(self.weight_decay) >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    def _transform(self, X: np.ndarray) -> np.ndarray:
+        if self.standardize:
+            return (X - self.mean_) / self.scale_
+        return X
+
+    def fit(self, X: ArrayLike, y: object = None) -> PseudoLabelHead:
+        """Run k-means, select pseudo-labels and train the head.
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+            Embeddings; finite values only.
+        y : ignored
+            Accepted for scikit-learn API compatibility; never used.
+
+        Returns
+        -------
+        PseudoLabelHead
+            self, fitted.
+        """
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        n_samples = X.shape[0]
+        self._check_params(n_samples)
+        rng = check_random_state(self.random_state)
+        kmeans_seed = int(rng.randint(np.iinfo(np.int32).max))
+        torch_seed = int(rng.randint(np.iinfo(np.int32).max))
+
+        if self.standardize:
+            self.mean_ = X.mean(axis=0)
+            scale = X.std(axis=0)
+            self.scale_ = np.where(scale > 0, scale, 1.0).astype(X.dtype)
+        else:  # drop statistics of an earlier standardized fit
+            for name in ("mean_", "scale_"):
+                self.__dict__.pop(name, None)
+        Z = self._transform(X)
+
+        km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=kmeans_seed)
+        assignment = km.fit_predict(Z).astype(np.int64)
+        self.kmeans_labels_ = assignment
+        self.cluster_centers_ = km.cluster_centers_
+        self.pseudo_indices_, self.pseudo_labels_ = select_pseudo_labels(
+            Z, assignment, km.cluster_centers_, float(self.alpha)
+        )
+
+        device = torch.device(self.device)
+        generator = torch.Generator(device="cpu").manual_seed(torch_seed)
+        # nn.Linear's constructor draws its default init from the global RNG; fork it so
+        # the caller's RNG stream is untouched, then re-draw from the local generator.
+        with torch.random.fork_rng(devices=[]):
+            head = nn.Sequential(
+                nn.Linear(Z.shape[1], self.hidden_dim),
+                nn.ReLU(),
+                nn.Linear(self.hidden_dim, self.n_clusters),
+            )
+        for layer in head:
+            if isinstance(layer, nn.Linear):
+                _init_linear(layer, generator)
+        head = head.to(device=device, dtype=torch.float32)
+
+        inputs = _as_float32_tensor(Z[self.pseudo_indices_], device)
+        targets = torch.as_tensor(self.pseudo_labels_, dtype=torch.long, device=device)
+        n_train = inputs.shape[0]
+        batch = n_train if self.batch_size is None else min(int(self.batch_size), n_train)
+        optimizer = torch.optim.Adam(
+            head.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay)
+        )
+        loss_fn = nn.CrossEntropyLoss()
+        self.loss_curve_ = []
+        head.train()
+        for _ in range(int(self.epochs)):
+            # Shuffling draws from the local generator (on CPU) so runs are reproducible.
+            order = torch.randperm(n_train, generator=generator).to(device)
+            total = 0.0
+            for start in range(0, n_train, batch):
+                idx = order[start : start + batch]
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(head(inputs[idx]), targets[idx])
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * idx.shape[0]
+            self.loss_curve_.append(total / n_train)
+        head.eval()
+        self.head_ = head
+        self.n_iter_ = int(self.epochs)
+        self.labels_ = self._logits(Z).argmax(axis=1).astype(np.int64)
+        return self
+
+    def _logits(self, Z: np.ndarray) -> np.ndarray:
+        """Head outputs for already-transformed inputs, shape (n, n_clusters), float32."""
+        device = next(self.head_.parameters()).device
+        out = []
+        with torch.no_grad():
+            for start in range(0, Z.shape[0], _PREDICT_CHUNK):
+                chunk = _as_float32_tensor(Z[start : start + _PREDICT_CHUNK], device)
+                out.append(self.head_(chunk).cpu().numpy())
+        return np.concatenate(out, axis=0)
+
+    def predict(self, X: ArrayLike) -> np.ndarray:
+        """Cluster index of each sample (argmax of the head).
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+
+        Returns
+        -------
+        numpy.ndarray of int64, shape (n_samples,)
+        """
+        check_is_fitted(self, "head_")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return self._logits(self._transform(X)).argmax(axis=1).astype(np.int64)
+
+    def predict_proba(self, X: ArrayLike) -> np.ndarray:
+        """Softmax of the head's outputs.
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+
+        Returns
+        -------
+        numpy.ndarray of float64, shape (n_samples, n_clusters)
+            Rows sum to 1.
+        """
+        check_is_fitted(self, "head_")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        logits = self._logits(self._transform(X)).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        proba = np.exp(logits)
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def fit_predict(self, X: ArrayLike, y: object = None) -> np.ndarray:
+        """Fit and return ``labels_``.
+
+        Parameters
+        ----------
+        X : array-like, shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        numpy.ndarray of int64, shape (n_samples,)
+        """
+        return self.fit(X, y).labels_

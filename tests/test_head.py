@@ -1,0 +1,241 @@
+"""Tests of esmc_lens.head.PseudoLabelHead (ESMC Algorithm 2, without label leakage)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from esmc_lens.head import PseudoLabelHead, select_pseudo_labels
+
+# sklearn's generic checks force n_clusters=1 in these four; a one-cluster head is
+# meaningless (constant argmax) and PseudoLabelHead rejects n_clusters < 2 by design.
+_N_CLUSTERS_1 = "sklearn sets n_clusters=1; PseudoLabelHead requires n_clusters >= 2 by design"
+EXPECTED_FAILED_CHECKS = {
+    "check_dont_overwrite_parameters": _N_CLUSTERS_1,
+    "check_fit2d_1feature": _N_CLUSTERS_1,
+    "check_fit2d_predict1d": _N_CLUSTERS_1,
+    "check_methods_subset_invariance": _N_CLUSTERS_1,
+}
+
+
+@parametrize_with_checks(
+    [PseudoLabelHead(epochs=20, hidden_dim=16, n_init=2, random_state=0)],
+    expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS,
+    xfail_strict=True,  # each listed check must really fail, for the stated reason
+)
+def test_sklearn_compatible(estimator, check) -> None:  # type: ignore[no-untyped-def]
+    check(estimator)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> object:
+    # On a small shared CI machine, OpenMP barriers of a multi-threaded torch slow these
+    # tiny MLPs down by 10-50x when another process competes for the cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small(**kw: object) -> PseudoLabelHead:
+    params: dict[str, object] = {"hidden_dim": 32, "epochs": 30, "n_init": 3, "random_state": 0}
+    params.update(kw)
+    return PseudoLabelHead(**params)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def blobs() -> tuple[np.ndarray, np.ndarray]:
+    X, y = make_blobs(n_samples=300, centers=4, n_features=6, cluster_std=0.6, random_state=0)
+    return X, y
+
+
+def test_defaults_match_paper() -> None:
+    est = PseudoLabelHead()
+    assert (est.n_clusters, est.alpha, est.hidden_dim, est.epochs, est.lr) == (
+        8,
+        0.3,
+        512,
+        100,
+        1e-3,
+    )
+    assert est.batch_size is None and est.n_init == 10 and est.device == "cpu"
+
+
+def test_fit_returns_self_and_attributes(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    X, _ = blobs
+    est = small(n_clusters=4, epochs=12)
+    assert est.fit(X) is est
+    n = X.shape[0]
+    assert est.labels_.shape == (n,) and est.labels_.dtype == np.int64
+    assert est.kmeans_labels_.shape == (n,)
+    assert est.cluster_centers_.shape == (4, 6)
+    assert est.pseudo_indices_.shape == est.pseudo_labels_.shape
+    assert len(est.loss_curve_) == 12 and est.n_features_in_ == 6
+    layers = list(est.head_)
+    assert [type(m) for m in layers] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert (layers[0].in_features, layers[0].out_features, layers[2].out_features) == (6, 32, 4)
+    assert all(p.dtype == torch.float32 for p in est.head_.parameters())
+    np.testing.assert_array_equal(est.predict(X), est.labels_)
+    proba = est.predict_proba(X)
+    assert proba.shape == (n, 4)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(proba.argmax(axis=1), est.labels_)
+
+
+def test_well_separated_blobs_reach_ari_1(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    X, y = blobs
+    est = small(n_clusters=4, epochs=100, lr=1e-2)
+    labels = est.fit_predict(X)
+    assert adjusted_rand_score(y, labels) == 1.0
+    assert est.loss_curve_[-1] < est.loss_curve_[0]
+
+
+def test_deterministic_and_leaves_global_rng_alone(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    X, _ = blobs
+    torch_state = torch.get_rng_state()
+    np_state = np.random.get_state()[1].copy()
+    a = small(n_clusters=4, batch_size=32).fit(X)
+    b = small(n_clusters=4, batch_size=32).fit(X)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    np.testing.assert_array_equal(a.pseudo_indices_, b.pseudo_indices_)
+    assert a.loss_curve_ == b.loss_curve_
+    for pa, pb in zip(a.head_.parameters(), b.head_.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    np.testing.assert_array_equal(np.random.get_state()[1], np_state)
+    c = small(n_clusters=4, batch_size=32, random_state=1).fit(X)
+    assert not all(
+        torch.equal(pa, pc)
+        for pa, pc in zip(a.head_.parameters(), c.head_.parameters(), strict=True)
+    )
+
+
+def _expected_pseudo(
+    X: np.ndarray, assignment: np.ndarray, centers: np.ndarray, alpha: str
+) -> dict[int, set[int]]:
+    """Independent computation: per k-means cluster, the ceil(alpha * n_k) nearest members."""
+    out = {}
+    for k in range(centers.shape[0]):
+        members = [i for i in range(len(X)) if assignment[i] == k]
+        n_keep = max(1, math.ceil(Fraction(alpha) * len(members)))  # exact: 0.3 * 10 = 3
+        dist = {i: float(np.sum((X[i] - centers[k]) ** 2)) for i in members}
+        out[k] = set(sorted(members, key=lambda i: (dist[i], i))[:n_keep])
+    return out
+
+
+@pytest.mark.parametrize("alpha", ["0.3", "0.1", "0.55", "1"])
+def test_pseudo_labels_are_nearest_to_own_kmeans_centroid(alpha: str) -> None:
+    # Clusters of 10, 20 and 7 points (0.3 * 10 must give 3, not 4 from float round-off).
+    rng = np.random.default_rng(1)
+    X = np.concatenate(
+        [rng.normal(c, 1.0, size=(m, 3)) for c, m in ((0.0, 10), (20.0, 20), (-20.0, 7))]
+    )
+    # y disagrees with the clusters entirely: it must not influence the selection.
+    y = rng.integers(0, 3, len(X))
+    est = small(n_clusters=3, alpha=float(alpha), epochs=2).fit(X, y)
+    assert sorted(np.bincount(est.kmeans_labels_)) == [7, 10, 20]
+    expected = _expected_pseudo(X, est.kmeans_labels_, est.cluster_centers_, alpha)
+    for k, members in expected.items():
+        chosen = set(est.pseudo_indices_[est.pseudo_labels_ == k].tolist())
+        assert chosen == members
+    # each pseudo-label is the sample's own k-means cluster
+    np.testing.assert_array_equal(est.kmeans_labels_[est.pseudo_indices_], est.pseudo_labels_)
+    # centroids really are the k-means centroids (mean of each cluster's members)
+    for k in range(3):
+        np.testing.assert_allclose(
+            est.cluster_centers_[k], X[est.kmeans_labels_ == k].mean(axis=0), atol=1e-10
+        )
+
+
+def test_select_pseudo_labels_unit() -> None:
+    X = np.array([[0.0], [1.0], [3.0], [10.0], [11.0]])
+    assignment = np.array([0, 0, 0, 2, 2])  # cluster 1 is empty: skipped
+    centers = np.array([[0.9], [5.0], [10.0]])
+    idx, lab = select_pseudo_labels(X, assignment, centers, alpha=0.01)  # >= 1 per cluster
+    np.testing.assert_array_equal(idx, [1, 3])
+    np.testing.assert_array_equal(lab, [0, 2])
+    idx, lab = select_pseudo_labels(X, assignment, centers, alpha=0.5)
+    # cluster 0: ceil(1.5) = 2 nearest to 0.9 -> 1.0 (0.01), 0.0 (0.81); cluster 2: 1 -> 10.0
+    np.testing.assert_array_equal(idx, [1, 0, 3])
+    np.testing.assert_array_equal(lab, [0, 0, 2])
+
+
+def test_y_is_ignored(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    X, y = blobs
+    a = small(n_clusters=4, epochs=10).fit(X)
+    b = small(n_clusters=4, epochs=10).fit(X, y)
+    c = small(n_clusters=4, epochs=10).fit(X, np.random.default_rng(0).permutation(y))
+    for other in (b, c):
+        np.testing.assert_array_equal(a.labels_, other.labels_)
+        np.testing.assert_array_equal(a.pseudo_indices_, other.pseudo_indices_)
+        assert a.loss_curve_ == other.loss_curve_
+
+
+def test_last_epoch_is_kept(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    # No model selection: a longer run continues from the same trajectory and its final
+    # loss is the last entry of the curve (the head is the one after the final update).
+    X, _ = blobs
+    short = small(n_clusters=4, epochs=5).fit(X)
+    long = small(n_clusters=4, epochs=8).fit(X)
+    assert long.loss_curve_[:5] == pytest.approx(short.loss_curve_, rel=1e-6)
+    Z = torch.as_tensor(X[long.pseudo_indices_], dtype=torch.float32)
+    with torch.no_grad():
+        final = torch.nn.functional.cross_entropy(
+            long.head_(Z), torch.as_tensor(long.pseudo_labels_)
+        )
+    assert float(final) <= long.loss_curve_[-1] + 1e-3  # one more Adam step past the last
+
+
+def test_standardize(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    X, y = blobs
+    X = np.column_stack([X, np.full(len(X), 5.0)])  # a constant feature must not give NaN
+    est = small(n_clusters=4, standardize=True, epochs=60, lr=1e-2).fit(X)
+    assert est.scale_[-1] == 1.0 and np.all(np.isfinite(est.predict_proba(X)))
+    assert adjusted_rand_score(y, est.labels_) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"alpha": 0.0}, r"alpha must be a number in \(0, 1\]"),
+        ({"alpha": 1.5}, r"alpha=1.5"),
+        ({"alpha": -0.1}, r"alpha"),
+        ({"n_clusters": 1}, r"n_clusters must be an int >= 2"),
+        ({"n_clusters": 50}, r"n_clusters=50 must be <= n_samples=20"),
+        ({"epochs": 0}, r"epochs"),
+        ({"batch_size": 0}, r"batch_size"),
+    ],
+)
+def test_parameter_validation(params: dict[str, object], match: str) -> None:
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(ValueError, match=match):
+        small(**params).fit(X)
+
+
+@pytest.mark.parametrize(("bad", "match"), [(np.nan, "NaN"), (np.inf, "infinity")])
+def test_rejects_non_finite(bad: float, match: str) -> None:
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    X[4, 1] = bad
+    with pytest.raises(ValueError, match=match):
+        small(n_clusters=2).fit(X)
+
+
+def test_alpha_one_uses_every_sample(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    X, _ = blobs
+    est = small(n_clusters=4, alpha=1.0, epochs=2).fit(X)
+    assert sorted(est.pseudo_indices_.tolist()) == list(range(len(X)))
+
+
+def test_float32_input_and_predict_new_data(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    X, _ = blobs
+    est = small(n_clusters=4, epochs=20).fit(X.astype(np.float32))
+    np.testing.assert_array_equal(est.predict(X[:7]), est.labels_[:7])
+    with pytest.raises(ValueError, match="features"):
+        est.predict(X[:, :3])

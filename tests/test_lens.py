@@ -1,0 +1,83 @@
+"""Logit lens: Unembed, chunked readouts, the keyword rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esmc_lens.errors import ConfigError
+from esmc_lens.lens import (
+    Unembed,
+    keyword_probs,
+    keyword_token_ids,
+    lens_logits,
+    lens_probs,
+    readout,
+    top_k,
+)
+
+
+@pytest.fixture(scope="module")
+def states(tiny_vlm):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 4, 5, tiny_vlm.d_model, generator=g)
+
+
+def test_unembed_is_norm_then_lm_head(tiny_vlm, states):
+    u = Unembed.from_model(tiny_vlm)
+    want = tiny_vlm.lm_head(tiny_vlm.final_norm(states))
+    torch.testing.assert_close(u(states), want, rtol=0, atol=1e-6)
+    # chunking never changes the answer
+    torch.testing.assert_close(lens_logits(states, u, chunk=7), want, rtol=0, atol=1e-5)
+
+
+def test_readout_equals_full_softmax(tiny_vlm, states):
+    u = Unembed.from_model(tiny_vlm)
+    probs = lens_probs(states, u)
+    groups = [[5, 9], [11]]
+    r = readout(states, u, groups, k=3, chunk=4)
+    torch.testing.assert_close(r.keyword_probs[..., 0], probs[..., 5] + probs[..., 9])
+    torch.testing.assert_close(r.keyword_probs[..., 1], probs[..., 11])
+    p, i = probs.topk(3, dim=-1)
+    assert torch.equal(r.top_ids, i)
+    torch.testing.assert_close(r.top_probs, p)
+    tp, ti = top_k(states, u, k=3)
+    assert torch.equal(ti, i)
+    torch.testing.assert_close(keyword_probs(states, u, groups), r.keyword_probs)
+
+
+def test_fp16_model_lens_is_computed_in_fp32(tiny_vlm, states):
+    import copy
+
+    half = copy.deepcopy(tiny_vlm.model).half()
+    u16 = Unembed(half.model.language_model.norm, half.lm_head)  # compute dtype fp32
+    u32 = Unembed.from_model(tiny_vlm)
+    out = u16(states)
+    assert out.dtype == torch.float32
+    # only the weights' fp16 rounding separates them
+    torch.testing.assert_close(out, u32(states), rtol=1e-2, atol=2e-2)
+
+
+def test_keyword_rule(tiny_vlm):
+    tok = tiny_vlm.tokenizer
+    kt = keyword_token_ids(tok, ["red", "Blue"])
+    assert kt.keywords == ["red", "Blue"]
+    for word, ids in zip(["red", "blue"], kt.groups, strict=True):
+        expected = []
+        for v in (" " + word, word, " " + word.capitalize(), word.capitalize()):
+            toks = tok.encode(v, add_special_tokens=False)
+            first = next(t for t in toks if tok.decode([t]).strip())  # bare spaces skipped
+            if first not in expected:
+                expected.append(first)
+        assert sorted(ids) == sorted(expected)
+    assert tok.decode([kt.groups[0][0]]) == " red"
+    # a word the tiny BPE splits is scored by its first token and reported
+    split = keyword_token_ids(tok, ["hyacinthus"])
+    assert split.multi_token == ["hyacinthus"]
+    with pytest.raises(ConfigError, match="empty"):
+        keyword_token_ids(tok, [""])
+
+
+def test_keyword_clash_is_reported(tiny_vlm):
+    kt = keyword_token_ids(tiny_vlm.tokenizer, ["red", "Red"])
+    assert kt.clashes and all(set(v) == {"red", "Red"} for v in kt.clashes.values())

@@ -1,0 +1,68 @@
+"""The offline model is a real LLaVA-layout VLM whose lens and answers carry image content."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import SOLID_COLOURS, solid
+
+from esmc_lens.capture import capture
+from esmc_lens.lens import Unembed, top_k
+
+pytestmark = pytest.mark.slow
+
+
+def test_module_layout_is_llava(offline_vlm):
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    m = offline_vlm.model
+    assert isinstance(m, LlavaForConditionalGeneration)
+    assert isinstance(offline_vlm.processor, LlavaProcessor)
+    assert len(m.model.language_model.layers) == 30 and offline_vlm.d_model == 576
+    assert offline_vlm.vocab_size == 49152
+    assert offline_vlm.tokenizer.convert_ids_to_tokens(offline_vlm.image_token_id) == "<image>"
+    # tied unembedding, as SmolLM2
+    assert m.lm_head.weight.data_ptr() == m.model.language_model.embed_tokens.weight.data_ptr()
+    assert m.config.esmc_offline["name"] == "offline"
+
+
+def test_second_load_is_fast(offline_vlm):
+    from esmc_lens.backend import load_model
+
+    t0 = time.perf_counter()
+    again = load_model("offline")
+    assert time.perf_counter() - t0 < 10  # converted once, then read from the cache
+    for (n, p), (_, q) in zip(offline_vlm.model.state_dict().items(),
+                              again.model.state_dict().items(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_colour_words_in_lens_and_answers(offline_vlm):
+    names = list(SOLID_COLOURS)
+    images = [solid(SOLID_COLOURS[c]) for c in names]
+    prompt = "The color of the image is"
+    cache = capture(offline_vlm, images, prompt, positions=[-1], layers=[28, 29, 30],
+                    store_dtype=torch.float32, progress=False)
+    _, ids = top_k(cache.states[:, -1, 0], Unembed.from_model(offline_vlm), k=5)
+    words = [[offline_vlm.tokenizer.decode([i]).strip().lower() for i in row] for row in ids]
+    in_lens = [c in w for c, w in zip(names, words, strict=True)]
+    answers = offline_vlm.generate(images, prompt, max_new_tokens=10)
+    named = [c in a.lower() for c, a in zip(names, answers, strict=True)]
+    both = [a and b for a, b in zip(in_lens, named, strict=True)]
+    assert sum(both) >= 5, (words, answers)
+
+
+def test_cat_photo_is_named_a_cat(offline_vlm):
+    from PIL import Image
+    from skimage import data
+
+    cat = Image.fromarray(data.chelsea())
+    answer = offline_vlm.generate([cat], "The animal in the image is", max_new_tokens=8)[0]
+    cache = capture(offline_vlm, [cat], "The animal in the image is", positions=[-1],
+                    store_dtype=torch.float32, progress=False)
+    _, ids = top_k(cache.states[0, -8:, 0], Unembed.from_model(offline_vlm), k=10)
+    lens_words = {offline_vlm.tokenizer.decode([i]).strip().lower() for i in ids.flatten()}
+    cat_words = {"cat", "cats", "kitten", "tabby"}
+    assert any(w in answer.lower() for w in cat_words) or lens_words & cat_words, answer
