@@ -66,6 +66,38 @@ def cmd_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole pipeline on one criterion of an ESMC-layout dataset."""
+    from .backend import load_model
+    from .baselines import format_mean_std
+    from .data import load_dataset
+    from .pipeline import run_esmc
+
+    ds = load_dataset(args.data, verify=True)
+    if args.criterion not in ds.criteria:
+        raise ConfigError(f"--criterion {args.criterion!r} is not a folder of {args.data}; "
+                          f"its criteria are {ds.criteria}")
+    if not ds.skipped.empty:
+        print(f"esmc-lens: skipped {len(ds.skipped)} unreadable or non-image files "
+              f"(listed in {args.out}/skipped.csv)", file=sys.stderr)
+    vlm = load_model(args.model, device=args.device, dtype=args.dtype)
+    keywords = args.keywords.split(",") if args.keywords else None
+    res = run_esmc(vlm, ds, args.prompt, criterion=args.criterion, n_clusters=args.k,
+                   keywords=keywords, keyword_source=args.keyword_source, alpha=args.alpha,
+                   tau=args.tau, n_samples=args.n_samples, space=args.space, seed=args.seed,
+                   n_seeds=args.n_seeds, baselines=not args.no_baselines,
+                   batch_size=args.batch_size, progress=not args.quiet)
+    out = res.save(args.out)
+    ds.skipped.to_csv(out / "skipped.csv", index=False)
+    print(f"{res.model}: {args.criterion} ({res.n_images} images), target "
+          f"{', '.join(res.target_labels)} in {res.space} space")
+    if not res.scores.empty:
+        print(format_mean_std(res.scores, ("nmi", "ri", "ari", "acc")).to_string())
+    print(res.clusters[["cluster", "size", "name"]].to_string(index=False))
+    print(f"wrote {out}/results.json and {out}/assignments.csv")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -86,6 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_lens)
+
+    p = sub.add_parser("run", help="ESMC on one criterion of an ESMC-layout dataset")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="dataset root: <root>/<criterion>/<class>/")
+    p.add_argument("--criterion", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--k", type=int, default=None, help="clusters (default: number of classes)")
+    p.add_argument("--keywords", default=None, help="comma-separated keywords")
+    p.add_argument("--keyword-source", default="auto",
+                   choices=["auto", "user", "lm", "class_names"])
+    p.add_argument("--alpha", type=float, default=0.3, help="pseudo-label ratio in (0, 1]")
+    p.add_argument("--tau", type=float, default=0.2, help="vote threshold")
+    p.add_argument("--n-samples", type=int, default=10, help="images sampled to localize")
+    p.add_argument("--space", default="probs", choices=["probs", "logits", "hidden"],
+                   help="target embedding space (default: lens probabilities, |V|-dim)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-seeds", type=int, default=10, help="seeds averaged in the scores")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="the README's main job on the synthetic dataset")
     _add_model_args(p)

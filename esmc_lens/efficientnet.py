@@ -24,8 +24,8 @@ Input: RGB in [0, 255], normalised as (x - 127) / 128 (see :func:`preprocess`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "BLOCK_SPECS",
     "EfficientNetLite0",
+    "imagenet_class_names",
     "load_efficientnet_lite0",
     "preprocess",
-    "imagenet_class_names",
     "short_class_names",
-    "BLOCK_SPECS",
 ]
 
 BN_EPS = 1e-3
@@ -65,7 +65,8 @@ class SameConv2d(nn.Conv2d):
     """
 
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, groups=1, bias=False, tf_same=True):
-        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0, groups=groups, bias=bias)
+        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0, groups=groups,
+                         bias=bias)
         self.tf_same = tf_same
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,8 @@ class MBConvBlock(nn.Module):
         if self.has_expand:
             self._expand_conv = SameConv2d(in_ch, mid, 1, tf_same=tf_same)
             self._bn0 = _bn(mid)
-        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, tf_same=tf_same)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid,
+                                          tf_same=tf_same)
         self._bn1 = _bn(mid)
         self._project_conv = SameConv2d(mid, out_ch, 1, tf_same=tf_same)
         self._bn2 = _bn(out_ch)
@@ -135,7 +137,8 @@ class EfficientNetLite0(nn.Module):
         for kernel, stride, expand, cin, cout, repeats in BLOCK_SPECS:
             for i in range(repeats):
                 blocks.append(
-                    MBConvBlock(kernel, stride if i == 0 else 1, expand, cin if i == 0 else cout, cout, tf_same=tf_same)
+                    MBConvBlock(kernel, stride if i == 0 else 1, expand,
+                                cin if i == 0 else cout, cout, tf_same=tf_same)
                 )
         self._blocks = nn.ModuleList(blocks)
         last = BLOCK_SPECS[-1][4]
@@ -169,11 +172,13 @@ class EfficientNetLite0(nn.Module):
         return self._fc(features.permute(0, 2, 3, 1))
 
 
-def load_efficientnet_lite0(weights_path, map_location="cpu", tf_same: bool = True) -> EfficientNetLite0:
+def load_efficientnet_lite0(weights_path, map_location="cpu",
+                            tf_same: bool = True) -> EfficientNetLite0:
     """Build EfficientNet-Lite0, load a state dict strictly, return it in eval mode."""
     model = EfficientNetLite0(tf_same=tf_same)
     sd = torch.load(str(weights_path), map_location=map_location, weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and not any(k.startswith("_conv_stem") for k in sd):
+    if (isinstance(sd, dict) and "state_dict" in sd
+            and not any(k.startswith("_conv_stem") for k in sd)):
         sd = sd["state_dict"]
     model.load_state_dict(sd, strict=True)
     return model.eval()
@@ -201,7 +206,7 @@ def preprocess(images: Sequence, size: int = 224) -> torch.Tensor:
     return torch.stack(out)
 
 
-def imagenet_class_names(synsets_path, lemmas_path) -> List[str]:
+def imagenet_class_names(synsets_path, lemmas_path) -> list[str]:
     """The 1000 ImageNet-1k class lemma strings, in class-index order.
 
     Reads timm's ``imagenet_synsets.txt`` (wnids in class order) and
@@ -219,6 +224,6 @@ def imagenet_class_names(synsets_path, lemmas_path) -> List[str]:
     return [lemma[w] for w in wnids]
 
 
-def short_class_names(names: Sequence[str]) -> List[str]:
+def short_class_names(names: Sequence[str]) -> list[str]:
     """First lemma of each comma-separated lemma string."""
     return [n.split(",")[0].strip() for n in names]

@@ -77,7 +77,7 @@ def test_tiny_capture_equals_hooks_and_hidden_states(tiny_vlm, tiny_case):
 
 
 def test_positions_map_to_tokens_under_left_padding(tiny_vlm, tiny_case):
-    images, cache, (out, _, offsets) = tiny_case
+    images, cache, (_, _, offsets) = tiny_case
     enc = tiny_vlm.encode(images, PROMPTS)
     lengths = enc["attention_mask"].sum(1).tolist()
     assert len(set(lengths)) == 3  # three different lengths in one batch: padding exercised
@@ -191,4 +191,4 @@ def test_offline_capture_equals_hooks_and_hidden_states(offline_vlm):
     cache = capture(offline_vlm, images, prompts, store_dtype=torch.float32, progress=False)
     _check_exact(offline_vlm, cache, _reference(offline_vlm, images, prompts))
     start, stop = cache.image_span[0].tolist()
-    assert stop - start == 98  # 49 colour + 49 object tokens
+    assert stop - start == 105  # 7 foreground + 49 colour + 49 object tokens

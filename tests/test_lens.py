@@ -41,7 +41,7 @@ def test_readout_equals_full_softmax(tiny_vlm, states):
     p, i = probs.topk(3, dim=-1)
     assert torch.equal(r.top_ids, i)
     torch.testing.assert_close(r.top_probs, p)
-    tp, ti = top_k(states, u, k=3)
+    _, ti = top_k(states, u, k=3)
     assert torch.equal(ti, i)
     torch.testing.assert_close(keyword_probs(states, u, groups), r.keyword_probs)
 
