@@ -177,11 +177,9 @@ class VLM:
     # -- prompts and inputs -------------------------------------------------------------
     def format_prompt(self, prompt: str, style: str | None = None) -> str:
         """The full model input text for one image and one criterion prompt."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigError(
-                f"prompt={prompt!r} is empty: give the criterion as words, e.g. "
-                "'The color of the flower is'"
-            )
+        from .validate import check_prompt
+
+        check_prompt(prompt, getattr(self.processor, "image_token", None) or "<image>")
         style = style or self.prompt_style
         if style not in PROMPT_STYLES:
             raise ConfigError(f"style={style!r}: use one of {PROMPT_STYLES}")
@@ -268,10 +266,10 @@ def load_model(name: str = "offline", device: str | torch.device | None = None,
         135M chat model answers sentence stems better as a continuation) and "chat" for
         LLaVA checkpoints.
     """
-    device = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
+    from .validate import check_device, check_dtype
+
+    device = check_device(device) if device is not None else default_device()
+    dtype = check_dtype(dtype) or default_dtype(device)
     if name == "offline":
         from .offline import load_offline
 
@@ -293,13 +291,17 @@ def _load_hf(name: str, device: torch.device, dtype: torch.dtype, **hf_kwargs):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     local = Path(name).expanduser()
+    if not local.exists() and (name.startswith((".", "/", "~")) or "\\" in name):
+        raise ModelError(f"model directory {local} does not exist: check the path, or use a "
+                         f"hub id such as {DEFAULT_LLAVA}, or --model offline")
     src = str(local) if local.exists() else name
     try:
         processor = AutoProcessor.from_pretrained(src)
         model = LlavaForConditionalGeneration.from_pretrained(src, dtype=dtype, **hf_kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files, no network, not a LLaVA checkpoint
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(
-            f"cannot load model {name!r}: {exc}. Use a hub id of a LLaVA checkpoint (e.g. "
+            f"cannot load model {name!r} ({reason}). Use a hub id of a LLaVA checkpoint (e.g. "
             f"{DEFAULT_LLAVA}) with network access or HF_HOME holding it, a local directory, "
             "or --model offline"
         ) from exc

@@ -1,4 +1,5 @@
-"""Command line: ``esmc-lens lens | demo | run`` (also ``python -m esmc_lens``).
+"""Command line: ``esmc-lens lens | demo | run | bench | capture-shard`` (also
+``python -m esmc_lens``; ``torchrun ... -m esmc_lens capture-shard`` for sharded capture).
 
 Errors that come from bad input (every :class:`~esmc_lens.errors.EsmcError`) print one
 line naming the problem and the fix and exit with status 2, without a traceback.
@@ -9,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import ConfigError, EsmcError
+from .errors import ConfigError, EsmcError, EsmcWarning
+from .validate import dataset_notes
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -77,16 +80,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.criterion not in ds.criteria:
         raise ConfigError(f"--criterion {args.criterion!r} is not a folder of {args.data}; "
                           f"its criteria are {ds.criteria}")
-    if not ds.skipped.empty:
-        print(f"esmc-lens: skipped {len(ds.skipped)} unreadable or non-image files "
-              f"(listed in {args.out}/skipped.csv)", file=sys.stderr)
+    _check_run_args(args, ds)  # everything that can fail before the model is loaded
+    for note in dataset_notes(ds, args.criterion, skipped_csv=f"{args.out}/skipped.csv"):
+        print(f"esmc-lens: note: {note}", file=sys.stderr)
     vlm = load_model(args.model, device=args.device, dtype=args.dtype)
     keywords = args.keywords.split(",") if args.keywords else None
     res = run_esmc(vlm, ds, args.prompt, criterion=args.criterion, n_clusters=args.k,
                    keywords=keywords, keyword_source=args.keyword_source, alpha=args.alpha,
                    tau=args.tau, n_samples=args.n_samples, space=args.space, seed=args.seed,
                    n_seeds=args.n_seeds, baselines=not args.no_baselines,
-                   batch_size=args.batch_size, progress=not args.quiet)
+                   batch_size=args.batch_size, progress=not args.quiet,
+                   cache_dir=args.cache_dir)
     out = res.save(args.out)
     ds.skipped.to_csv(out / "skipped.csv", index=False)
     print(f"{res.model}: {args.criterion} ({res.n_images} images), target "
@@ -98,11 +102,103 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
+    """Markdown table of saved runs' NMI/RI (mean ± std) beside the paper's, if it has them."""
+    from .paper import PAPER_MODEL, paper_scores
+    from .pipeline import EsmcResult
+
+    lines = ["| criterion | method | NMI (ours) | RI (ours) | NMI (paper) | RI (paper) |",
+             "|---|---|---|---|---|---|"]
+    models = set()
+    for d in run_dirs:
+        r = EsmcResult.load_json(d)
+        models.add(r["model"])
+        paper = paper_scores(dataset, r["criterion"]) if dataset else None
+        blocks = {"ESMC": r["scores"], **r["baselines"]}
+        for method, sc in blocks.items():
+            p = paper.loc[method] if paper is not None and method in paper.index else None
+            lines.append(
+                f"| {r['criterion']} | {method} | {sc['nmi']:.4f} ± {sc['nmi_std']:.4f} | "
+                f"{sc['ri']:.4f} ± {sc['ri_std']:.4f} | "
+                f"{'' if p is None else f'{p.nmi:.4f}'} | {'' if p is None else f'{p.ri:.4f}'} |")
+    lines.append(f"\nOurs: model {', '.join(sorted(models))}, mean ± std over seeds. "
+                 f"Paper: {PAPER_MODEL}, Table 3.")
+    return "\n".join(lines)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    print(results_table(args.runs, args.dataset))
+    return 0
+
+
+def _check_run_args(args: argparse.Namespace, ds) -> None:
+    from .store import _FIX
+    from .validate import check_output_dir, check_run, check_writable_dir
+
+    check_run(None, ds, args.prompt, criterion=args.criterion, n_images=len(ds),
+              n_clusters=args.k, alpha=args.alpha, tau=args.tau, n_samples=args.n_samples,
+              batch_size=args.batch_size, n_seeds=args.n_seeds)
+    check_output_dir(args.out)
+    if args.cache_dir is not None:
+        check_writable_dir(args.cache_dir, "capture cache directory (--cache-dir)", _FIX)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(model=args.model, out=Path(args.out), figures=Path(args.figures),
              n_images=args.n_images, device=args.device, dtype=args.dtype)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Throughput and memory of capture against the bare forward pass and the naive way."""
+    from .bench import main_from_args
+
+    return main_from_args(args)
+
+
+def cmd_capture_shard(args: argparse.Namespace) -> int:
+    """This process's shard of a capture (one process, or one rank under torchrun)."""
+    import torch
+
+    from .backend import load_model
+    from .distributed import capture_sharded, dist_env, list_images
+
+    images = list_images(args.images)
+    env = dist_env(device=args.device)
+    try:
+        vlm = load_model(args.model, device=env.device, dtype=args.dtype)
+        pos = [x.strip() for x in args.positions.split(",") if x.strip()]
+        if len(pos) == 1 and pos[0] in ("prompt", "all"):
+            pos = pos[0]
+        elif all(x.lstrip("-").isdigit() for x in pos):
+            pos = [int(x) for x in pos]
+        options = {"positions": pos,
+                   "keywords": args.keywords.split(",") if args.keywords else None,
+                   "top_k": args.top_k, "vision": args.vision,
+                   "store_dtype": getattr(torch, args.store_dtype),
+                   "layers": ([int(x) for x in args.layers.split(",")] if args.layers
+                              else None)}
+        summary, cache = capture_sharded(
+            vlm, images, args.prompt, args.cache_dir, batch_size=args.batch_size,
+            merge=not args.no_merge, env=env, progress=not args.quiet, engine=args.engine,
+            image_ids=[str(p.relative_to(Path(args.images).expanduser())) for p in images],
+            **options)
+        if env.is_main:
+            if cache is not None and args.out:
+                cache.save(args.out)
+                summary["out"] = str(args.out)
+            print(json.dumps(summary, default=str) if args.json else
+                  f"esmc-lens: {summary['n_images']} images in "
+                  f"{len(summary['ranks'])} shard(s) under {summary['dir']}"
+                  + (f"; merged cache written to {args.out}" if cache is not None and args.out
+                     else ""))
+    finally:
+        import torch.distributed as dist
+
+        if env.backend is not None and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
@@ -138,8 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep captures on disk here; a rerun after a crash or kill resumes "
+                        "from the saved batches (default: no capture cache)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("table", help="markdown table of saved runs beside the paper's numbers")
+    p.add_argument("runs", nargs="+", help="output folders of `esmc-lens run`")
+    p.add_argument("--dataset", default=None, help="paper dataset name, e.g. flower")
+    p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("demo", help="the README's main job on the synthetic dataset")
     _add_model_args(p)
@@ -147,18 +251,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", default="figures")
     p.add_argument("--n-images", type=int, default=96)
     p.set_defaults(func=cmd_demo)
+
+    from .bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="throughput and memory: capture vs forward pass vs naive")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("capture-shard",
+                       help="capture a folder of images to disk shards; under torchrun each "
+                            "rank takes its share and rank 0 merges")
+    _add_model_args(p)
+    p.add_argument("--images", required=True, help="folder of image files (recursive)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--cache-dir", default=None,
+                   help="shard store (default $ESMC_LENS_CACHE/captures); shared by all ranks")
+    p.add_argument("--out", default=None, help="write the merged cache here (rank 0)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--keywords", default=None, help="comma-separated keywords for the lens")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--layers", default=None, help="comma-separated stream indices (default all)")
+    p.add_argument("--positions", default="prompt",
+                   help="'prompt' (default), 'all', comma-separated sequence indices or words")
+    p.add_argument("--vision", action="store_true", help="also keep pooled vision features")
+    p.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16",
+                                                                 "float32"])
+    p.add_argument("--engine", default="auto", choices=["auto", "hooks", "nnsight"])
+    p.add_argument("--no-merge", action="store_true", help="write shards only")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_capture_shard)
     return parser
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """esmc_lens's own warnings as one line; others as Python prints them."""
+    if issubclass(category, EsmcWarning):
+        print(f"esmc-lens: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except EsmcError as exc:
-        print(f"esmc-lens: error: {exc}", file=sys.stderr)
+        print(f"esmc-lens: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            raise
+        print("esmc-lens: error: out of GPU memory: lower --batch-size (or use --dtype "
+              "float16)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("esmc-lens: interrupted", file=sys.stderr)
+        resume = ("; run the same command again to resume from the saved batches"
+                  if getattr(args, "cache_dir", None) else "")
+        print(f"esmc-lens: interrupted{resume}", file=sys.stderr)
         return 130
 
 

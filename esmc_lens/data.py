@@ -124,7 +124,8 @@ def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
         ) from exc
     except FileNotFoundError as exc:
         raise ImageError(
-            f"image {path} no longer exists; reload the dataset with load_dataset()"
+            f"image {path} does not exist: check the path (or reload the dataset with "
+            "load_dataset() if its files were moved)"
         ) from exc
     except _PIL_ERRORS as exc:
         raise ImageError(
@@ -134,19 +135,15 @@ def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
 
 
 def _verify_image(path: Path) -> str | None:
-    """Return None if the file's header (and, for PNG, chunk CRCs) is sound, else a reason.
+    """Return None if the file is a sound image, else a reason.
 
-    ``Image.verify`` parses the file structure without decoding pixels, so scanning a
-    dataset stays fast.
+    Headers and PNG chunk CRCs via ``Image.verify``; JPEGs must also end with their
+    end-of-image marker (truncated scans pass ``verify``); see
+    :func:`esmc_lens.validate.image_problem`.
     """
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Image.DecompressionBombError as exc:
-        return f"image too large (decompression bomb guard): {exc}"
-    except _PIL_ERRORS as exc:
-        return f"unreadable image ({type(exc).__name__}: {exc})"
-    return None
+    from .validate import image_problem
+
+    return image_problem(path)
 
 
 @dataclass

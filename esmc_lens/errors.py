@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EsmcError",
+    "EsmcWarning",
     "ImageError",
     "ModelError",
     "WeightsError",
@@ -46,3 +47,7 @@ class WeightsError(ModelError):
 
 class CaptureError(EsmcError):
     """A capture cannot be run, stored or read back."""
+
+
+class EsmcWarning(UserWarning):
+    """Something was skipped, recomputed or approximated; the run goes on (see the message)."""

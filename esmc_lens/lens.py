@@ -205,20 +205,18 @@ def keyword_token_ids(tokenizer, keywords: Sequence[str]) -> KeywordTokens:
     for kw in keywords:
         if not isinstance(kw, str) or not kw.strip():
             raise ConfigError(f"keyword {kw!r} is empty: give words such as 'red', 'white'")
-        ids, split = [], False
+        ids = []
         for v in _variants(kw):
             toks = tokenizer.encode(v, add_special_tokens=False)
-            if not toks:
-                continue
             # SentencePiece encodes " red" as ["▁", "red"] for some words: skip bare spaces.
-            first = next((t for t in toks if tokenizer.decode([t]).strip()), toks[0])
-            split = split or len([t for t in toks if tokenizer.decode([t]).strip()]) > 1
-            if first not in ids:
+            words = [t for t in toks if tokenizer.decode([t]).strip()]
+            first = words[0] if words else (toks[0] if toks else None)
+            if first is not None and first not in ids:
                 ids.append(first)
+            if v == " " + kw.strip() and len(words) > 1:  # the usual mid-sentence form
+                multi.append(kw.strip())
         if not ids:
             raise ConfigError(f"keyword {kw!r} encodes to no token in this tokenizer")
-        if split and v.strip().lower() == kw.strip().lower():
-            multi.append(kw.strip())
         for t in ids:
             owners.setdefault(t, []).append(kw.strip())
         groups.append(ids)

@@ -320,10 +320,12 @@ def load_offline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
 
     d = offline_dir()
     if not (d / "model.safetensors").exists():
-        t0 = time.perf_counter()
-        convert(d)
-        print(f"esmc_lens: built the offline model in {time.perf_counter() - t0:.0f} s "
-              f"(cached in {d})")
+        with weights.file_lock(d.with_name(d.name + ".lock")):
+            if not (d / "model.safetensors").exists():  # not built while we waited
+                t0 = time.perf_counter()
+                convert(d)
+                print(f"esmc_lens: built the offline model in {time.perf_counter() - t0:.0f}"
+                      f" s (cached in {d})")
     config = LlavaConfig.from_pretrained(d)
     try:
         with torch.device("meta"):

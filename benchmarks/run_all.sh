@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Reproduce the figures in benchmarks/README.md (writes benchmarks/results/*.json).
+# CPU, shared 2-core machine: one torch thread per process (see README). On a GPU machine
+# add the CUDA runs at the bottom.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+mkdir -p benchmarks/results
+
+$PY -m esmc_lens.cli bench --model offline --n-images 16 --batch-size 8 --n-naive 4 \
+    --threads 1 --rounds 2 --out benchmarks/results/offline-cpu.json
+$PY -m esmc_lens.cli bench --model tiny --n-images 32 --batch-size 8 --n-naive 8 \
+    --threads 1 --rounds 2 --out benchmarks/results/tiny-cpu.json
+$PY benchmarks/streaming_memory.py --model tiny --sizes 100,1000,5000 --json \
+    > benchmarks/results/streaming-tiny.json
+$PY benchmarks/engine_overhead.py --model offline --batch-size 4 --repeats 4 --json \
+    > benchmarks/results/engine-overhead-offline.json
+$PY benchmarks/engine_overhead.py --model tiny --layers 30 --batch-size 8 --repeats 30 --json \
+    > benchmarks/results/engine-overhead-tiny30.json
+$PY benchmarks/head_vs_kmeans.py --sizes 16,128,512 --threads 1 --json \
+    > benchmarks/results/head-vs-kmeans-cpu.json
+
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    for model in tiny offline; do
+        $PY -m esmc_lens.cli bench --model "$model" --device cuda --dtype float16 \
+            --n-images 256 --batch-size 32 --n-naive 16 --rounds 3 \
+            --out "benchmarks/results/${model}-cuda-fp16.json"
+    done
+    $PY benchmarks/head_vs_kmeans.py --sizes 16,128,512 --device cuda --json \
+        > benchmarks/results/head-vs-kmeans-cuda.json
+fi

@@ -1,0 +1,68 @@
+"""The command line: lens JSON, run outputs, table, and clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import solid
+
+from esmc_lens.cli import main
+from esmc_lens.synthetic import make_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "d", n_images=16, seed=1)
+
+
+def test_lens_json(tmp_path, capsys, tiny_vlm):
+    img = tmp_path / "red.png"
+    solid((220, 20, 30), (40, 40)).save(img)
+    assert main(["lens", "--model", "tiny", "--image", str(img), "--prompt",
+                 "The color of the flower is", "--top-k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "tiny" and out["prompt"] == "The color of the flower is"
+    tokens = [p["token"] for p in out["positions"]]
+    assert tokens[1:5] == ["The", "Ġcolor", "Ġof", "Ġthe"]
+    assert [lay["layer"] for lay in out["layers"]] == list(range(tiny_vlm.n_layers + 1))
+    for lay in out["layers"]:
+        assert len(lay["positions"]) == len(tokens)
+        for pos in lay["positions"]:
+            probs = [t["prob"] for t in pos["top"]]
+            assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+            assert 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_run_writes_results_and_assignments(tmp_path, synth, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "tiny", "--data", str(synth), "--criterion", "color",
+               "--prompt", "The color of the object is", "--keywords", "red,green,blue,yellow",
+               "--n-seeds", "2", "--n-samples", "4", "--no-baselines", "--quiet",
+               "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    for key in ("model", "criterion", "n_images", "target", "space", "scores", "baselines",
+                "clusters"):
+        assert key in res
+    assert res["model"] == "tiny" and res["criterion"] == "color" and res["n_images"] == 16
+    assert res["space"] == "probs"
+    assert set(res["scores"]) >= {"nmi", "ri", "ari", "acc"}
+    assert sum(c["size"] for c in res["clusters"]) == 16
+    assert [k["word"] for k in res["keywords"]] == ["red", "green", "blue", "yellow"]
+    df = pd.read_csv(out / "assignments.csv")
+    assert list(df.columns) == ["image", "cluster", "cluster_name", "true_label"]
+    assert len(df) == 16 and set(df["true_label"]) == {"red", "green", "blue", "yellow"}
+    names = {c["cluster"]: c["name"] for c in res["clusters"]}
+    assert all(names[c] == n for c, n in zip(df["cluster"], df["cluster_name"], strict=True))
+    assert main(["table", str(out), "--dataset", "flower"]) == 0
+    table = capsys.readouterr().out
+    assert "| color | ESMC |" in table and "0.7283" in table  # paper's number, labelled
+
+
+def test_bad_criterion_exits_2_without_traceback(synth, capsys, tmp_path):
+    rc = main(["run", "--model", "tiny", "--data", str(synth), "--criterion", "texture",
+               "--prompt", "The texture is", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "texture" in err and "Traceback" not in err
