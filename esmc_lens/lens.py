@@ -16,7 +16,8 @@ surface variants: with and without a leading space, lower-case and capitalised
 variant that the tokenizer starts with a bare space token (``"▁"`` + ``"red"``) is scored by
 its first non-blank token. The
 lens predicts one next token, so a keyword that splits into several tokens is scored by its
-first token (:func:`keyword_token_ids` reports such keywords in ``multi_token``); two
+first token (:func:`keyword_token_ids` reports keywords none of whose variants is a single
+token in ``multi_token``); two
 keywords sharing a first token get the same score, which is reported as a clash.
 """
 
@@ -205,7 +206,7 @@ def keyword_token_ids(tokenizer, keywords: Sequence[str]) -> KeywordTokens:
     for kw in keywords:
         if not isinstance(kw, str) or not kw.strip():
             raise ConfigError(f"keyword {kw!r} is empty: give words such as 'red', 'white'")
-        ids = []
+        ids, single = [], False
         for v in _variants(kw):
             toks = tokenizer.encode(v, add_special_tokens=False)
             # SentencePiece encodes " red" as ["▁", "red"] for some words: skip bare spaces.
@@ -213,8 +214,9 @@ def keyword_token_ids(tokenizer, keywords: Sequence[str]) -> KeywordTokens:
             first = words[0] if words else (toks[0] if toks else None)
             if first is not None and first not in ids:
                 ids.append(first)
-            if v == " " + kw.strip() and len(words) > 1:  # the usual mid-sentence form
-                multi.append(kw.strip())
+            single = single or len(words) == 1
+        if not single:  # no surface form is one token: scored by a first piece
+            multi.append(kw.strip())
         if not ids:
             raise ConfigError(f"keyword {kw!r} encodes to no token in this tokenizer")
         for t in ids:
