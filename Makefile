@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 # Re-install only when the dependency spec changes.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
-export ESMC_DATA ?= $(abspath ../shared/data/esmc)
+export ESMC_DATA ?= $(if $(wildcard ../shared/data/esmc),$(abspath ../shared/data/esmc))
+NB_TIMEOUT ?= 1200
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test test-fast notebooks lint bench clean
@@ -33,7 +34,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 notebooks: install
-	$(BIN)/python -m pytest -q --nbmake notebooks
+	ESMC_QUICK=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q -p no:cacheprovider --nbmake \
+		--nbmake-timeout=$(NB_TIMEOUT) notebooks
 
 lint: install
 	$(BIN)/ruff check esmc_lens tests

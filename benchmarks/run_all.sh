@@ -8,9 +8,9 @@ PY=${PYTHON:-python}
 mkdir -p benchmarks/results
 
 $PY -m esmc_lens.cli bench --model offline --n-images 16 --batch-size 8 --n-naive 4 \
-    --threads 1 --rounds 2 --out benchmarks/results/offline-cpu.json
+    --threads 1 --repeats 2 --out benchmarks/results/offline-cpu.json
 $PY -m esmc_lens.cli bench --model tiny --n-images 32 --batch-size 8 --n-naive 8 \
-    --threads 1 --rounds 2 --out benchmarks/results/tiny-cpu.json
+    --threads 1 --repeats 2 --out benchmarks/results/tiny-cpu.json
 $PY benchmarks/streaming_memory.py --model tiny --sizes 100,1000,5000 --json \
     > benchmarks/results/streaming-tiny.json
 $PY benchmarks/engine_overhead.py --model offline --batch-size 4 --repeats 4 --json \
@@ -19,11 +19,13 @@ $PY benchmarks/engine_overhead.py --model tiny --layers 30 --batch-size 8 --repe
     > benchmarks/results/engine-overhead-tiny30.json
 $PY benchmarks/head_vs_kmeans.py --sizes 16,128,512 --threads 1 --json \
     > benchmarks/results/head-vs-kmeans-cpu.json
+$PY benchmarks/head_fit_loop.py --n-train 5 --epochs 100 --threads 1 --json \
+    > benchmarks/results/head-fit-loop-cpu.json
 
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     for model in tiny offline; do
         $PY -m esmc_lens.cli bench --model "$model" --device cuda --dtype float16 \
-            --n-images 256 --batch-size 32 --n-naive 16 --rounds 3 \
+            --n-images 256 --batch-size 32 --n-naive 16 --repeats 3 \
             --out "benchmarks/results/${model}-cuda-fp16.json"
     done
     $PY benchmarks/head_vs_kmeans.py --sizes 16,128,512 --device cuda --json \

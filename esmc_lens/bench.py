@@ -16,15 +16,17 @@ On the same images (synthetic shapes, written as PNG files) and the same prompt,
   ``KMeans(n_init=10)`` fit time, on the lens probabilities of the capture's last
   layer and last prompt position (|V|-dimensional, the pipeline's default space).
 
-Each phase runs in its own Python process (``--inline`` runs them in this one), so its
-peak memory is its own: on the CPU the peak resident set size (``VmHWM``, reset through
+Speeds come from the ``paired`` phase: in one process, the four modes run back to back on
+every batch (order rotated per batch and repeat; per batch the minimum over ``repeats``),
+so that a shared machine's load, which changes by the minute, falls on all of them alike.
+The other phases run each mode in its own Python process (``--inline`` runs them in this
+one) for its peak memory (and an isolated speed, reported as ``isolated_ips``): on the
+CPU the peak resident set size (``VmHWM``, reset through
 ``/proc/self/clear_refs`` after the model is loaded and warmed up; ``ru_maxrss`` where that
 is unavailable), reported absolute and as the increase over the process's resident size
 at the reset; on CUDA ``torch.cuda.max_memory_allocated`` over ``memory_allocated`` at the
-reset. Timings are the minimum over ``rounds`` x ``repeats`` passes, each after one
-warm-up batch (the phases take turns, round after round, so a shared machine's changing
-load falls on all of them), with
-``torch.cuda.synchronize`` around them on CUDA.
+reset. Every timed stretch follows a warm-up batch and is bracketed by
+``torch.cuda.synchronize`` on CUDA.
 
 >>> report = run_bench(model="tiny", n_images=8, batch_size=4, inline=True)  # doctest: +SKIP
 >>> report["capture_over_forward"], report["speedup_vs_naive"]              # doctest: +SKIP
@@ -49,7 +51,8 @@ from .errors import ConfigError
 
 __all__ = ["PHASES", "TARGETS", "format_report", "run_bench", "run_phase"]
 
-PHASES = ("forward", "capture", "capture_states", "naive", "head")
+PHASES = ("paired", "forward", "capture", "capture_states", "naive", "head")
+PAIRED_MODES = ("forward", "capture", "capture_states", "naive")
 DEFAULT_PROMPT = "The color of the object is"
 DEFAULT_KEYWORDS = ("red", "green", "blue", "yellow")
 # The issue's targets (offline model, 2-core CPU): name -> (comparison, threshold).
@@ -221,6 +224,8 @@ def _run_phase(phase: str, spec: dict) -> dict:
     out: dict = {"phase": phase, "load_s": load_s, "device": str(device),
                  "dtype": str(vlm.dtype).replace("torch.", "")}
 
+    if phase == "paired":
+        return _paired_phase(vlm, spec, out)
     if phase == "forward":
         from .data import open_rgb
 
@@ -278,6 +283,57 @@ def _run_phase(phase: str, spec: dict) -> dict:
     return out
 
 
+def _paired_phase(vlm, spec: dict, out: dict) -> dict:
+    """Every mode on the same batch, one after the other, batch after batch (one process).
+
+    A shared machine's load changes by the minute; timing the modes back to back on each
+    batch (in an order rotated per batch and repeat) makes their ratios robust to it. Per
+    batch the minimum over ``repeats`` is kept. The naive mode runs on
+    ``ceil(n_naive / n_batches)`` images of each batch (its results are dropped after each
+    image here; its memory is measured by the ``naive`` phase).
+    """
+    from .capture import capture
+    from .data import open_rgb
+    from .lens import Unembed
+
+    device = vlm.device
+    paths = [Path(p) for p in spec["images"]]
+    prompt, B = spec["prompt"], int(spec["batch_size"])
+    kw = {"keywords": list(spec["keywords"]), "top_k": int(spec["top_k"])}
+    batches = [paths[s:s + B] for s in range(0, len(paths), B)]
+    per_batch_naive = -(-int(spec["n_naive"]) // len(batches))
+    encs = [vlm.encode([open_rgb(p) for p in b], prompt) for b in batches]
+    unembed = Unembed.from_model(vlm)
+
+    def run(mode: str, b: int):
+        if mode == "forward":
+            with torch.inference_mode():
+                vlm.model(**encs[b], use_cache=False, logits_to_keep=1)
+        elif mode == "capture":
+            capture(vlm, batches[b], prompt, batch_size=B, progress=False, **kw)
+        elif mode == "capture_states":
+            capture(vlm, batches[b], prompt, batch_size=B, progress=False)
+        else:
+            for p in batches[b][:per_batch_naive]:
+                _naive_one(vlm, unembed, open_rgb(p), prompt)
+
+    for mode in PAIRED_MODES:  # warm-up
+        run(mode, 0)
+    best = {m: [float("inf")] * len(batches) for m in PAIRED_MODES}
+    for r in range(max(1, int(spec["repeats"]))):
+        for b in range(len(batches)):
+            k = (b + r) % len(PAIRED_MODES)
+            for mode in PAIRED_MODES[k:] + PAIRED_MODES[:k]:
+                best[mode][b] = min(best[mode][b],
+                                    _timed(lambda m=mode, i=b: run(m, i), device))
+    n = {m: len(paths) for m in PAIRED_MODES}
+    n["naive"] = sum(len(b[:per_batch_naive]) for b in batches)
+    out.update({"n": n, "batch_times_s": best,
+                "tokens_per_image": int(encs[0]["input_ids"].shape[1]),
+                "ips": {m: n[m] / sum(best[m]) for m in PAIRED_MODES}})
+    return out
+
+
 def _save_features(vlm, cache, path: str) -> None:
     """Lens probabilities at the last layer and last prompt position (the head's input)."""
     import numpy as np
@@ -332,7 +388,7 @@ def _run_subprocess(phase: str, spec: dict) -> dict:
 
 def run_bench(model: str = "offline", n_images: int = 16, batch_size: int = 8,
               n_naive: int | None = None, prompt: str = DEFAULT_PROMPT,
-              keywords=DEFAULT_KEYWORDS, top_k: int = 5, repeats: int = 1, rounds: int = 2,
+              keywords=DEFAULT_KEYWORDS, top_k: int = 5, repeats: int = 2, rounds: int = 1,
               device: str | None = None, dtype: str | None = None,
               threads: int | None = None, image_size: int = 224, n_clusters: int = 4,
               phases=PHASES, inline: bool = False, workdir: str | None = None) -> dict:
@@ -363,8 +419,8 @@ def run_bench(model: str = "offline", n_images: int = 16, batch_size: int = 8,
     try:
         for r in range(rounds):
             for phase in phases:
-                if phase == "head" and r > 0:
-                    continue  # alternates head and k-means itself (repeats)
+                if phase in ("paired", "head") and r > 0:
+                    continue  # both alternate their modes themselves (repeats)
                 runs[phase].append(run_phase(phase, spec) if inline
                                    else _run_subprocess(phase, spec))
     finally:
@@ -409,18 +465,24 @@ def _ratio(a, b):
 
 def _report(results: dict, spec: dict, started: str, load_before, inline: bool) -> dict:
     g = lambda phase, key: results.get(phase, {}).get(key)  # noqa: E731
+    paired = results.get("paired")
     rep = {
-        "model": spec["model"], "device": g("forward", "device") or g("capture", "device"),
-        "dtype": g("forward", "dtype") or g("capture", "dtype"),
+        "model": spec["model"], "device": next(r["device"] for r in results.values()),
+        "dtype": next(r["dtype"] for r in results.values()),
         "n_images": len(spec["images"]), "n_naive": spec["n_naive"],
         "batch_size": spec["batch_size"], "repeats": spec["repeats"],
         "rounds": spec["rounds"],
         "prompt": spec["prompt"], "keywords": spec["keywords"], "top_k": spec["top_k"],
-        "tokens_per_image": g("forward", "tokens_per_image"),
+        "tokens_per_image": g("forward", "tokens_per_image") or g("paired", "tokens_per_image"),
         "cache_shape": g("capture", "cache_shape"),
-        "forward_ips": g("forward", "ips"), "capture_ips": g("capture", "ips"),
-        "capture_states_ips": g("capture_states", "ips"), "naive_ips": g("naive", "ips"),
+        "timing": ("paired: the modes back to back on every batch, in one process"
+                   if paired else "isolated: each mode in its own process"),
     }
+    for m in PAIRED_MODES:
+        rep[f"{m}_ips"] = paired["ips"][m] if paired else g(m, "ips")
+    rep["isolated_ips"] = {m: g(m, "ips") for m in PAIRED_MODES if g(m, "ips") is not None}
+    if paired:
+        rep["naive_images_timed"] = paired["n"]["naive"]
     rep["capture_over_forward"] = _ratio(rep["capture_ips"], rep["forward_ips"])
     rep["capture_states_over_forward"] = _ratio(rep["capture_states_ips"], rep["forward_ips"])
     rep["speedup_vs_naive"] = _ratio(rep["capture_ips"], rep["naive_ips"])
@@ -439,9 +501,9 @@ def _report(results: dict, spec: dict, started: str, load_before, inline: bool) 
     dev = "cuda" if str(rep["device"] or "").startswith("cuda") else "cpu"
     rep["memory_method"] = MEMORY_METHOD[dev] + ("" if not inline else
                                                  " (phases run in one process: --inline)")
-    rep["times_s"] = {p: r.get("times_s") or {"head": r.get("head_times_s"),
-                                              "kmeans": r.get("kmeans_times_s")}
-                      for p, r in results.items()}
+    rep["times_s"] = {p: r.get("times_s") or r.get("batch_times_s") or {
+        "head": r.get("head_times_s"), "kmeans": r.get("kmeans_times_s")}
+        for p, r in results.items()}
     rep["targets"] = {}
     for name, (op, thr) in TARGETS.items():
         v = rep.get(name)
@@ -478,6 +540,8 @@ def format_report(rep: dict) -> str:
     for name, t in rep["targets"].items():
         mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         lines.append(f"    {name:22s} {f(t['value'])} (target {t['target']}): {mark}")
+    lines.append(f"  timing: {rep['timing']}; isolated-process ips: " + ", ".join(
+        f"{m} {v:.3g}" for m, v in rep["isolated_ips"].items()))
     lines.append(f"  capture_states_over_forward {f(rep['capture_states_over_forward'])}; "
                  f"load average {rep['loadavg_before'][0]:.1f} -> "
                  f"{rep['loadavg_after'][0]:.1f} on {rep['machine']['cpu_count']} CPUs")
@@ -494,10 +558,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--n-naive", type=int, default=None,
                    help="images for the naive reference (default min(n-images, 4))")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=int, default=2,
                    help="timed passes per phase process (min kept)")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="times the phases run in turn, each in a fresh process (min kept)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="times the isolated phases run in turn, each in a fresh process")
     p.add_argument("--threads", type=int, default=None, help="torch threads per phase")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--keywords", default=",".join(DEFAULT_KEYWORDS))

@@ -335,11 +335,9 @@ class Workbench:
             if source == "user":
                 kw = user_keywords(list(spec.keywords) or self.class_names(criterion))
             elif source == "lm":
-                kw = self._disk_json(("lm-keywords", default_question(spec.noun,
-                                                                      spec.object_noun)),
-                                     lambda: _kw_doc(lm_keywords(
-                                         self.vlm, default_question(spec.noun,
-                                                                    spec.object_noun))))
+                question = default_question(spec.noun, spec.object_noun)
+                kw = self._disk_json(("lm-keywords", self._model_key(), question),
+                                     lambda: _kw_doc(lm_keywords(self.vlm, question)))
                 kw = Keywords(kw["words"], ["lm"] * len(kw["words"]), raw=kw["raw"],
                               question=kw["question"])
             elif source == "class_names":

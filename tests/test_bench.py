@@ -134,8 +134,8 @@ def test_cli_bench_json(capsys, tmp_path):
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny", "--n-images", "4", "--batch-size", "2",
-                 "--repeats", "1", "--phases", "forward,capture", "--inline", "--json",
-                 "--threads", "1", "--out", str(out)]) == 0
+                 "--repeats", "1", "--rounds", "2", "--phases", "forward,capture", "--inline",
+                 "--json", "--threads", "1", "--out", str(out)]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["forward_ips"] > 0 and rep["naive_ips"] is None
     assert len(rep["times_s"]["forward"]) == 2  # two rounds of one timed pass

@@ -80,13 +80,13 @@ def bench(tiny_vlm, tmp_path_factory):
 
 def test_workbench_falls_back_to_the_synthetic_dataset_and_keeps_few_images(bench, tmp_path):
     assert bench.name == "synthetic" and "ESMC_DATA is not set" in bench.source_note
-    assert list(bench.criteria)[0] == "color" and bench.focus == ["color"]
+    assert next(iter(bench.criteria)) == "color" and bench.focus == ["color"]
     ds = bench.images("color")
     counts = np.bincount(ds.y("color"), minlength=4)
     assert (counts <= bench.settings.per_class).all() and counts.sum() == len(ds)
     assert bench.model.startswith("tiny")
     # a missing data folder is said, not hidden
-    ds2, name, note = E.resolve_dataset(tmp_path, "flower", tmp_path / "o", 8)
+    _ds2, name, note = E.resolve_dataset(tmp_path, "flower", tmp_path / "o", 8)
     assert name == "synthetic" and "does not exist" in note
 
 

@@ -59,7 +59,8 @@ def test_notebook_has_one_parameters_cell(path):
         assert needle in src, f"{path.name}: the parameters cell must set {needle}"
     others = "".join("".join(c["source"]) for c in nb["cells"]
                      if c["cell_type"] == "code" and c is not tagged[0])
-    assert "os.environ" not in others, f"{path.name}: read the environment in the parameters cell only"
+    assert "os.environ" not in others, (
+        f"{path.name}: read the environment in the parameters cell only")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -172,16 +173,17 @@ def test_quickstart_runs_in_jupyterlab_and_renders_a_widget(tmp_path):
             (By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']")))
         run_menu.click()
         item = wait.until(ec.element_to_be_clickable(
-            (By.XPATH, "//li[contains(@class,'lm-Menu-item')]"
-                       "[.//div[contains(@class,'lm-Menu-itemLabel') and text()='Run All Cells']]")))
+            (By.XPATH, "//li[contains(@class,'lm-Menu-item')][.//div[contains(@class,"
+                       "'lm-Menu-itemLabel') and text()='Run All Cells']]")))
         item.click()
         found = WebDriverWait(driver, 600).until(lambda d: d.find_elements(
             By.CSS_SELECTOR, ".jp-OutputArea .widget-dropdown select, "
                              ".jp-OutputArea .jupyter-widgets.widget-dropdown"))
-        driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", found[0])
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", found[0])
         time.sleep(2)
         driver.save_screenshot(str(shot))
-        errors = driver.find_elements(By.CSS_SELECTOR, "[data-mime-type='application/vnd.jupyter.stderr'] pre")
+        errors = driver.find_elements(
+            By.CSS_SELECTOR, "[data-mime-type='application/vnd.jupyter.stderr'] pre")
         tracebacks = [e.text for e in errors if "Traceback" in e.text or "Error" in e.text]
         assert not tracebacks, tracebacks[:1]
         page = driver.find_element(By.CSS_SELECTOR, ".jp-Notebook").text

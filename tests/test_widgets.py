@@ -12,13 +12,13 @@ from PIL import Image
 
 pytest.importorskip("ipywidgets")
 
-from esmc_lens.cache import ResidualCache  # noqa: E402
-from esmc_lens.capture import capture  # noqa: E402
-from esmc_lens.lens import Unembed, keyword_probs, keyword_token_ids, top_k  # noqa: E402
-from esmc_lens.localize import localize, vote_table  # noqa: E402
-from esmc_lens.widgets import ClusterBrowser, LensExplorer, VoteMapExplorer  # noqa: E402
+from conftest import SOLID_COLOURS, solid
 
-from conftest import SOLID_COLOURS, solid  # noqa: E402
+from esmc_lens.cache import ResidualCache
+from esmc_lens.capture import capture
+from esmc_lens.lens import Unembed, keyword_probs, keyword_token_ids, top_k
+from esmc_lens.localize import localize, vote_table
+from esmc_lens.widgets import ClusterBrowser, LensExplorer, VoteMapExplorer
 
 PROMPT = "The color of the object is"
 
@@ -113,7 +113,7 @@ def test_lens_explorer_reports_an_empty_keyword(tiny_vlm, cache):
 
 def _toy_cache(probs: np.ndarray, keywords: list[str], empty_slot: int | None = None):
     """A cache with hand-set keyword probabilities [n, S, P, K] (no model needed)."""
-    n, S, P, K = probs.shape
+    n, S, P, _K = probs.shape
     pos = torch.arange(P).repeat(n, 1) + 10
     if empty_slot is not None:
         pos[0, empty_slot] = -1
@@ -196,7 +196,7 @@ def _clusters():
 
 
 def test_cluster_browser_shows_each_cluster_with_name_tokens_and_members(images):
-    imgs = images + [solid((200, 0, 0), (64, 64))]
+    imgs = [*images, solid((200, 0, 0), (64, 64))]
     labels = np.array([0, 1, 1, 0, 0])
     cb = ClusterBrowser(imgs, labels, _clusters(), image_ids=list("abcde"),
                         true_labels=["red", "green", "blue", "yellow", "red"], thumb=24)
@@ -220,13 +220,11 @@ def test_cluster_browser_shows_each_cluster_with_name_tokens_and_members(images)
 
 
 def test_cluster_browser_from_result():
-    class Res:
-        labels = np.array([1, 0, 1])
-        clusters = _clusters()
-        image_ids = ["x", "y", "z"]
-        y_true = np.array([0, 1, -1])
-        class_names = ["blue", "red"]
+    from types import SimpleNamespace
 
-    cb = ClusterBrowser.from_result(Res(), lambda i: solid((0, 0, 0), (8, 8)))
+    res = SimpleNamespace(labels=np.array([1, 0, 1]), clusters=_clusters(),
+                          image_ids=["x", "y", "z"], y_true=np.array([0, 1, -1]),
+                          class_names=["blue", "red"])
+    cb = ClusterBrowser.from_result(res, lambda i: solid((0, 0, 0), (8, 8)))
     assert cb.true_labels == ["blue", "red", ""]
     assert cb.rows[0]["images"] == [1] and cb.rows[1]["images"] == [0, 2]
