@@ -219,7 +219,8 @@ def dist_env(init: bool = True, backend: str | None = None,
     Reads an initialised ``torch.distributed`` group, else the ``RANK`` / ``WORLD_SIZE``
     / ``LOCAL_RANK`` variables ``torchrun`` sets (and initialises the group from them
     when ``init``; backend ``nccl`` with CUDA, ``gloo`` without), else a single process.
-    The device is ``cuda:$LOCAL_RANK`` when CUDA is there, else the CPU, unless given.
+    The device is ``cuda:$LOCAL_RANK`` when CUDA is there (also for ``device="cuda"``),
+    else the CPU, unless given with an index.
     """
     import torch.distributed as dist
 
@@ -228,6 +229,8 @@ def dist_env(init: bool = True, backend: str | None = None,
     if device is None:
         device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda": this rank's own GPU
+        device = torch.device("cuda", local_rank)
     if dist.is_available() and dist.is_initialized():
         return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank,
                        dist.get_backend(), device)

@@ -182,3 +182,13 @@ def test_remote_local_dry_run_equals_local_capture(tiny_vlm):
     assert_same(remote, local)
     with pytest.raises(ConfigError, match="nnsight"):
         capture(tiny_vlm, images, PROMPT, progress=False, remote="local", engine="hooks")
+
+
+def test_dist_env_reads_torchrun_variables(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    env = dist_env(init=False, device="cpu")
+    assert (env.rank, env.world_size, env.local_rank, env.backend) == (3, 4, 1, None)
+    assert not env.is_main and env.device == torch.device("cpu")
+    assert list(shard_batches(100, 8, env.rank, env.world_size)) == [9, 10, 11, 12]
