@@ -48,3 +48,43 @@ SOLID_COLOURS = {
     "red": (220, 20, 30), "green": (30, 160, 50), "blue": (30, 60, 200),
     "yellow": (250, 220, 30), "white": (255, 255, 255), "black": (0, 0, 0),
 }
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    # Two cores shared by several processes: a multi-threaded torch spends most of its time
+    # in OpenMP barriers (a tiny capture goes from 0.3 s to 10 s), so use one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` random 30 x 30 RGB PNGs ``img_00.png``... in ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"img_{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+CACHE_TENSORS = ("states", "positions", "image_span", "vision", "keyword_probs", "top_ids",
+                 "top_probs")
+
+
+def assert_same_cache(a, b) -> None:
+    """Two ``ResidualCache`` objects hold bit-identical tensors and the same metadata."""
+    for name in CACHE_TENSORS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert a.tokens == b.tokens and a.stream == b.stream and a.keywords == b.keywords
+    assert a.image_ids == b.image_ids and a.prompts == b.prompts

@@ -44,14 +44,7 @@ PROMPT = "The color of the object is"
 KEYWORDS = ["red", "green", "blue", "yellow"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Two cores shared by several processes: a multi-threaded torch spends most of its time
-    # in OpenMP barriers (a tiny capture goes from 0.3 s to 10 s), so use one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- helpers ----------------------------------------------------------------------------

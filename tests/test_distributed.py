@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_cache
 from PIL import Image
 
 from esmc_lens.cache import ResidualCache
@@ -30,8 +31,6 @@ from esmc_lens.store import cached_capture
 PROMPT = "The color of the object is"
 OPTIONS = {"keywords": ["red", "blue"], "top_k": 3, "vision": True,
            "store_dtype": torch.float32}
-TENSORS = ("states", "positions", "image_span", "vision", "keyword_probs", "top_ids",
-           "top_probs")
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -44,14 +43,6 @@ def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
     return list_images(folder)
 
 
-def assert_same(a: ResidualCache, b: ResidualCache) -> None:
-    for name in TENSORS:
-        x, y = getattr(a, name), getattr(b, name)
-        assert (x is None) == (y is None), name
-        if x is not None:
-            assert x.dtype == y.dtype and torch.equal(x, y), name
-    assert a.tokens == b.tokens and a.stream == b.stream and a.keywords == b.keywords
-    assert a.image_ids == b.image_ids and a.prompts == b.prompts
 
 
 @pytest.mark.parametrize(("n", "bs", "world"), [(7, 2, 2), (16, 4, 3), (3, 8, 4), (10, 1, 10)])
@@ -96,12 +87,12 @@ def test_streamed_halves_merge_to_the_single_process_capture(tiny_vlm, tmp_path)
     merged = merge_capture(tiny_vlm, paths, PROMPT, store, batch_size=2, **OPTIONS)
     assert merged.meta["capture_cache"]["loaded"] == 4
     assert merged.meta["capture_cache"]["computed"] == 0
-    assert_same(merged, ref)
+    assert_same_cache(merged, ref)
     # the store's own reader, called with the non-default options only, finds the shards
     direct = cached_capture(tiny_vlm, paths, PROMPT, store, batch_size=2, progress=False,
                             **OPTIONS)
     assert direct.meta["capture_cache"]["computed"] == 0
-    assert_same(direct, ref)
+    assert_same_cache(direct, ref)
 
 
 def test_streaming_keeps_only_one_batch(tiny_vlm, tmp_path, monkeypatch):
@@ -132,7 +123,7 @@ def test_capture_sharded_single_process_and_bad_merge(tiny_vlm, tmp_path):
     summary, cache = capture_sharded(tiny_vlm, paths, PROMPT, tmp_path / "s", batch_size=2,
                                      env=env, **OPTIONS)
     assert summary["world_size"] == 1 and summary["ranks"][0]["computed"] == 3
-    assert_same(cache, capture(tiny_vlm, paths, PROMPT, batch_size=2, progress=False,
+    assert_same_cache(cache, capture(tiny_vlm, paths, PROMPT, batch_size=2, progress=False,
                                **OPTIONS))
     from esmc_lens.distributed import DistEnv
 
@@ -171,7 +162,7 @@ def test_torchrun_two_cpu_processes_equal_single_process(tiny_vlm, tmp_path):
     ids = [str(p.relative_to(folder)) for p in paths]
     ref = capture(tiny_vlm, paths, PROMPT, batch_size=2, progress=False, image_ids=ids,
                   **OPTIONS)
-    assert_same(ResidualCache.load(out), ref)
+    assert_same_cache(ResidualCache.load(out), ref)
 
 
 def test_remote_local_dry_run_equals_local_capture(tiny_vlm):
@@ -179,7 +170,7 @@ def test_remote_local_dry_run_equals_local_capture(tiny_vlm):
     images = [Image.new("RGB", (30, 30), c) for c in ((200, 30, 30), (30, 30, 200))]
     local = capture(tiny_vlm, images, PROMPT, progress=False, **OPTIONS)
     remote = capture(tiny_vlm, images, PROMPT, progress=False, remote="local", **OPTIONS)
-    assert_same(remote, local)
+    assert_same_cache(remote, local)
     with pytest.raises(ConfigError, match="nnsight"):
         capture(tiny_vlm, images, PROMPT, progress=False, remote="local", engine="hooks")
 

@@ -11,10 +11,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_images
 
 from esmc_lens.capture import capture
 from esmc_lens.store import cached_capture
@@ -24,25 +23,7 @@ OPTIONS = {"keywords": ["red", "blue"], "top_k": 3, "vision": True,
            "store_dtype": torch.float32}  # the child below uses the same
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Two cores shared by several processes: a multi-threaded torch spends most of its time
-    # in OpenMP barriers (a tiny capture goes from 0.3 s to 10 s), so use one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"img_{i:02d}.png"
-        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def shard_dirs(cache_dir: Path) -> list[Path]:

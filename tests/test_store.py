@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_cache, write_images
 from PIL import Image
 
 from esmc_lens.backend import load_model
@@ -19,39 +20,11 @@ from esmc_lens.store import cache_key, cached_capture
 PROMPT = "The color of the object is"
 OPTIONS = {"keywords": ["red", "blue"], "top_k": 3, "vision": True,
            "store_dtype": torch.float32}
-TENSORS = ("states", "positions", "image_span", "vision", "keyword_probs", "top_ids",
-           "top_probs")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Two cores shared by several processes: a multi-threaded torch spends most of its time
-    # in OpenMP barriers (a tiny capture goes from 0.3 s to 10 s), so use one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"img_{i:02d}.png"
-        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
-
-
-def assert_same(a, b) -> None:
-    for name in TENSORS:
-        x, y = getattr(a, name), getattr(b, name)
-        assert (x is None) == (y is None), name
-        if x is not None:
-            assert x.dtype == y.dtype and torch.equal(x, y), name
-    assert a.tokens == b.tokens and a.stream == b.stream and a.keywords == b.keywords
-    assert a.image_ids == b.image_ids and a.prompts == b.prompts
 
 
 def shard_dirs(cache_dir: Path) -> list[Path]:
@@ -80,8 +53,8 @@ def test_equal_to_capture_and_second_run_reads_everything(tiny_vlm, images, tmp_
     assert second.meta["capture_cache"]["loaded"] == 3
     assert second.meta["capture_cache"]["computed"] == 0
     assert stats(shard_dirs(tmp_path)) == before  # nothing rewritten
-    assert_same(ref, first)
-    assert_same(ref, second)
+    assert_same_cache(ref, first)
+    assert_same_cache(ref, second)
     drop = lambda m: {k: v for k, v in m.items() if k != "capture_cache"}  # noqa: E731
     assert drop(first.meta) == drop(second.meta)
     assert first.meta["formatted_prompt"] == ref.meta["formatted_prompt"]
@@ -157,7 +130,7 @@ def test_pil_images_and_datasets_are_cached_too(tiny_vlm, images, tmp_path):
     d1 = cached_capture(tiny_vlm, ds, PROMPT, tmp_path, batch_size=2, progress=False)
     d2 = cached_capture(tiny_vlm, ds, PROMPT, tmp_path, batch_size=2, progress=False)
     assert d2.meta["capture_cache"]["loaded"] == 2 and d1.image_ids == ds.names
-    assert_same(d1, capture(tiny_vlm, ds, PROMPT, batch_size=2, progress=False))
+    assert_same_cache(d1, capture(tiny_vlm, ds, PROMPT, batch_size=2, progress=False))
 
 
 def test_damaged_shards_are_recomputed_with_a_warning(tiny_vlm, images, tmp_path):
@@ -180,7 +153,7 @@ def test_damaged_shards_are_recomputed_with_a_warning(tiny_vlm, images, tmp_path
     assert any("checksum mismatch" in m for m in messages)
     assert healed.meta["capture_cache"]["computed"] == 3
     assert healed.meta["capture_cache"]["loaded"] == 2
-    assert_same(ref, healed)
+    assert_same_cache(ref, healed)
     clean = cached_capture(tiny_vlm, images, PROMPT, tmp_path, batch_size=1, progress=False,
                            **OPTIONS)
     assert clean.meta["capture_cache"]["loaded"] == 5
