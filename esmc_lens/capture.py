@@ -257,10 +257,12 @@ class _Plan:
 
 
 def _inputs(images, prompt, image_ids) -> tuple[ImageSource, list[str]]:
+    """The images as an ``ImageSource`` and one prompt per image."""
     source = ImageSource.of(images, image_ids)
     prompts = [prompt] * source.n if isinstance(prompt, str) else list(prompt)
     if len(prompts) != source.n:
-        raise ConfigError(f"{len(prompts)} prompts for {source.n} images")
+        raise ConfigError(f"{len(prompts)} prompts for {source.n} images: give one prompt, "
+                          "or one per image")
     return source, prompts
 
 

@@ -40,7 +40,7 @@ import torch
 
 from .backend import VLM
 from .cache import ResidualCache
-from .capture import ImageSource, iter_capture
+from .capture import ImageSource, _inputs, iter_capture
 from .errors import ConfigError
 
 __all__ = ["IMAGE_SUFFIXES", "DistEnv", "capture_sharded", "capture_to_disk", "dist_env",
@@ -136,11 +136,7 @@ def capture_to_disk(
         raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1")
     opts = _options(**options)
     items = _image_list(images)
-    source = ImageSource.of(images, image_ids)
-    prompts = [prompt] * source.n if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != source.n:
-        raise ConfigError(f"{len(prompts)} prompts for {source.n} images: give one prompt, "
-                          "or one per image")
+    source, prompts = _inputs(images, prompt, image_ids)
     n_batches = -(-source.n // batch_size)
     todo = list(range(n_batches)) if batches is None else [int(b) for b in batches]
     if any(not 0 <= b < n_batches for b in todo):

@@ -60,7 +60,7 @@ import torch
 
 from .backend import VLM, library_versions
 from .cache import ResidualCache
-from .capture import ImageSource, capture
+from .capture import _inputs, capture
 from .errors import CaptureError, ConfigError, EsmcWarning, ImageError
 from .validate import check_writable_dir
 
@@ -330,11 +330,7 @@ def cached_capture(
 
     if not isinstance(images, ImageDataset):
         images = list(images)
-    source = ImageSource.of(images, image_ids)
-    prompts = [prompt] * source.n if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != source.n:
-        raise ConfigError(f"{len(prompts)} prompts for {source.n} images: give one prompt, "
-                          "or one per image")
+    source, prompts = _inputs(images, prompt, image_ids)
     if batch_size == "auto":
         from .capture import auto_batch_size
 
