@@ -110,6 +110,13 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
     standardize : bool, default False
         Z-score features (statistics over all of ``X`` in ``fit``) before k-means and the
         MLP. Constant features are left centred but unscaled.
+    rescale : bool, default True
+        Divide the features by one number, their root-mean-square over ``X`` in ``fit``
+        (after standardising, if that is on), before k-means and the MLP. A global scale
+        changes neither k-means' partition nor the pseudo-labels, but ``nn.Linear``'s
+        default init assumes inputs of unit scale: vocabulary probabilities (~2e-5 per
+        entry) leave the MLP untrained after 100 epochs without it (cross-entropy 0.98 on
+        the ESMC flower colours, where it falls to 3e-4 with it).
     n_init : int, default 10
         k-means restarts.
     random_state : int, RandomState or None, default None
@@ -124,7 +131,8 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
     kmeans_labels_ : numpy.ndarray of int64, shape (n_samples,)
         k-means assignment.
     cluster_centers_ : numpy.ndarray, shape (n_clusters, n_features)
-        k-means centroids (in the standardised space if ``standardize``).
+        k-means centroids, in the space the head sees (standardised if ``standardize``,
+        times ``input_scale_``).
     pseudo_indices_ : numpy.ndarray of int64, shape (n_pseudo,)
         Indices of the pseudo-labelled samples.
     pseudo_labels_ : numpy.ndarray of int64, shape (n_pseudo,)
@@ -137,6 +145,8 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         Trained MLP ``Linear(d, hidden_dim), ReLU, Linear(hidden_dim, K)`` (float32, eval).
     mean_, scale_ : numpy.ndarray, shape (n_features,)
         Standardisation statistics (only if ``standardize``).
+    input_scale_ : float
+        The factor applied to the (standardised) features: 1 / RMS if ``rescale``, else 1.
     """
 
     def __init__(
@@ -149,6 +159,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         batch_size: int | None = None,
         weight_decay: float = 0.0,
         standardize: bool = False,
+        rescale: bool = True,
         n_init: int = 10,
         random_state: int | np.random.RandomState | None = None,
         device: str = "cpu",
@@ -161,6 +172,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         self.batch_size = batch_size
         self.weight_decay = weight_decay
         self.standardize = standardize
+        self.rescale = rescale
         self.n_init = n_init
         self.random_state = random_state
         self.device = device
@@ -196,8 +208,8 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
 
     def _transform(self, X: np.ndarray) -> np.ndarray:
         if self.standardize:
-            return (X - self.mean_) / self.scale_
-        return X
+            X = (X - self.mean_) / self.scale_
+        return X * np.asarray(self.input_scale_, dtype=X.dtype)
 
     def fit(self, X: ArrayLike, y: object = None) -> PseudoLabelHead:
         """Run k-means, select pseudo-labels and train the head.
@@ -228,6 +240,10 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         else:  # drop statistics of an earlier standardized fit
             for name in ("mean_", "scale_"):
                 self.__dict__.pop(name, None)
+        self.input_scale_ = 1.0
+        if self.rescale:
+            rms = math.sqrt(float(np.mean(np.square(self._transform(X), dtype=np.float64))))
+            self.input_scale_ = 1.0 / rms if rms > 0 else 1.0
         Z = self._transform(X)
 
         km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=kmeans_seed)

@@ -141,7 +141,8 @@ def test_pseudo_labels_are_nearest_to_own_kmeans_centroid(alpha: str) -> None:
     y = rng.integers(0, 3, len(X))
     est = small(n_clusters=3, alpha=float(alpha), epochs=2).fit(X, y)
     assert sorted(np.bincount(est.kmeans_labels_)) == [7, 10, 20]
-    expected = _expected_pseudo(X, est.kmeans_labels_, est.cluster_centers_, alpha)
+    Z = X * est.input_scale_  # k-means runs on the rescaled features (same partition)
+    expected = _expected_pseudo(Z, est.kmeans_labels_, est.cluster_centers_, alpha)
     for k, members in expected.items():
         chosen = set(est.pseudo_indices_[est.pseudo_labels_ == k].tolist())
         assert chosen == members
@@ -150,7 +151,7 @@ def test_pseudo_labels_are_nearest_to_own_kmeans_centroid(alpha: str) -> None:
     # centroids really are the k-means centroids (mean of each cluster's members)
     for k in range(3):
         np.testing.assert_allclose(
-            est.cluster_centers_[k], X[est.kmeans_labels_ == k].mean(axis=0), atol=1e-10
+            est.cluster_centers_[k], Z[est.kmeans_labels_ == k].mean(axis=0), atol=1e-10
         )
 
 
@@ -185,7 +186,7 @@ def test_last_epoch_is_kept(blobs: tuple[np.ndarray, np.ndarray]) -> None:
     short = small(n_clusters=4, epochs=5).fit(X)
     long = small(n_clusters=4, epochs=8).fit(X)
     assert long.loss_curve_[:5] == pytest.approx(short.loss_curve_, rel=1e-6)
-    Z = torch.as_tensor(X[long.pseudo_indices_], dtype=torch.float32)
+    Z = torch.as_tensor(X[long.pseudo_indices_] * long.input_scale_, dtype=torch.float32)
     with torch.no_grad():
         final = torch.nn.functional.cross_entropy(
             long.head_(Z), torch.as_tensor(long.pseudo_labels_)
@@ -199,6 +200,29 @@ def test_standardize(blobs: tuple[np.ndarray, np.ndarray]) -> None:
     est = small(n_clusters=4, standardize=True, epochs=60, lr=1e-2).fit(X)
     assert est.scale_[-1] == 1.0 and np.all(np.isfinite(est.predict_proba(X)))
     assert adjusted_rand_score(y, est.labels_) == 1.0
+
+
+def test_rescale_trains_on_tiny_features(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    # Vocabulary probabilities are ~1e-5 per entry: without the global rescale the MLP
+    # barely moves (its init assumes unit-scale inputs); with it, it fits its pseudo-labels.
+    X, _ = blobs
+    tiny = (X - X.min()) * 1e-5
+    stuck = small(n_clusters=4, rescale=False, epochs=100, lr=1e-2).fit(tiny)
+    fitted = small(n_clusters=4, epochs=100, lr=1e-2).fit(tiny)
+    assert stuck.input_scale_ == 1.0 and stuck.loss_curve_[-1] > 1.0
+    assert fitted.loss_curve_[-1] < 0.1
+    assert adjusted_rand_score(fitted.kmeans_labels_, fitted.labels_) == 1.0
+    rms = math.sqrt(float(np.mean(np.square(tiny))))
+    assert fitted.input_scale_ == pytest.approx(1.0 / rms, rel=1e-12)
+
+
+def test_rescale_makes_the_head_scale_invariant(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    X, _ = blobs
+    a, b = small(n_clusters=4).fit(X), small(n_clusters=4).fit(X * 1e-4)
+    np.testing.assert_array_equal(a.kmeans_labels_, b.kmeans_labels_)
+    np.testing.assert_array_equal(a.pseudo_indices_, b.pseudo_indices_)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X * 1e-4), atol=1e-4)
 
 
 @pytest.mark.parametrize(
