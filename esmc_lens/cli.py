@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
     """Markdown table of saved runs' NMI/RI (mean ± std) beside the paper's, if it has them."""
-    from .paper import PAPER_MODEL, paper_scores
+    from .paper_numbers import PAPER_MODEL, paper_scores
     from .pipeline import EsmcResult
 
     lines = ["| criterion | method | NMI (ours) | RI (ours) | NMI (paper) | RI (paper) |",
@@ -122,7 +122,7 @@ def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
                 f"{sc['ri']:.4f} ± {sc['ri_std']:.4f} | "
                 f"{'' if p is None else f'{p.nmi:.4f}'} | {'' if p is None else f'{p.ri:.4f}'} |")
     lines.append(f"\nOurs: model {', '.join(sorted(models))}, mean ± std over seeds. "
-                 f"Paper: {PAPER_MODEL}, Table 3.")
+                 f"Paper: {PAPER_MODEL} (the paper's numbers), Table 3.")
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "PAPER_PROMPT_VARIANTS",
     "PAPER_SOURCE",
     "paper_row",
+    "paper_scores",
     "paper_table",
 ]
 
@@ -204,3 +205,20 @@ def paper_row(dataset: str, criterion: str, table: str = "table3") -> dict | Non
         if ds_l == want_ds and crit.lower() == criterion.lower():
             return {"dataset": ds, "criterion": crit, **row.to_dict()}
     return None
+
+
+def paper_scores(dataset: str, criterion: str) -> pd.DataFrame | None:
+    """The paper's Table 3 NMI and RI for one of *our* (dataset, criterion), or None.
+
+    Index: method (``Output``, ``ESMC w/o head``, ``ESMC``); columns ``nmi``, ``ri``;
+    ``attrs`` carry ``model`` and ``source``. Table 3's values are used (Flowers / Color RI
+    0.8982, where Table 2 prints 0.8992).
+    """
+    row = paper_row(dataset, criterion, "table3")
+    if row is None:
+        return None
+    methods = ["Output", "ESMC w/o head", "ESMC"]
+    df = pd.DataFrame({m: [row[f"{m}_{meth}"] for meth in methods] for m in ("nmi", "ri")},
+                      index=pd.Index(methods, name="method"))
+    df.attrs.update(model=PAPER_MODEL, source=PAPER_SOURCE)
+    return df

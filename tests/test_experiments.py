@@ -14,6 +14,7 @@ from esmc_lens.paper_numbers import (
     PAPER_MODEL,
     PAPER_PROMPT_VARIANTS,
     paper_row,
+    paper_scores,
     paper_table,
 )
 
@@ -55,6 +56,16 @@ def test_paper_row_matches_our_dataset_names():
     assert paper_row("synthetic", "color", "table1") is None
     with pytest.raises(KeyError):
         paper_table("table9")
+
+
+def test_paper_scores_give_table3_per_method():
+    df = paper_scores("flower", "Color")
+    assert list(df.index) == ["Output", "ESMC w/o head", "ESMC"]
+    assert df.loc["ESMC", "nmi"] == 0.7283 and df.loc["ESMC", "ri"] == 0.8982
+    assert df.loc["Output", "nmi"] == 0.6698
+    assert df.attrs == {"model": PAPER_MODEL, "source": "paper"}
+    assert paper_scores("Stanford_Cars", "type").loc["ESMC w/o head", "ri"] == 0.9517
+    assert paper_scores("synthetic", "color") is None
 
 
 def test_prompt_variants_reproduce_the_papers_color_forms():
