@@ -7,8 +7,9 @@ Executing every notebook is ``make notebooks`` (nbmake, quick mode); here:
   figures through ``plotting.save_figure``;
 * the quickstart opens in JupyterLab in headless Chromium (Debian's ``chromium`` and
   ``chromium-driver`` with Selenium), runs all cells and must render its cluster browser
-  widget; a screenshot is kept in ``test-artifacts/``. Skipped, with the reason, where
-  Chromium, its driver, Selenium or JupyterLab are missing.
+  widget; a screenshot is kept in ``test-artifacts/`` (git-ignored). Skipped, with the
+  reason, where Chromium, its driver, Selenium or JupyterLab are missing (Selenium and
+  JupyterLab come with ``pip install -e '.[dev]'``).
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ def test_quickstart_runs_in_jupyterlab_and_renders_a_widget(tmp_path):
     work = tmp_path / "lab"
     (work / "notebooks").mkdir(parents=True)
     shutil.copy(REPO / "notebooks" / "01_quickstart.ipynb", work / "notebooks")
+    # A fresh JupyterLab with no network calls and no "news?" prompt over the notebook.
+    settings = (tmp_path / "jcfg" / "lab" / "user-settings" / "@jupyterlab"
+                / "apputils-extension" / "notification.jupyterlab-settings")
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     token, port = uuid.uuid4().hex, _free_port()
     env = dict(os.environ, ESMC_QUICK="1", ESMC_FIGURES=str(tmp_path / "figures"),
                ESMC_OUTPUTS=str(tmp_path / "outputs"),
