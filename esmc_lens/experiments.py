@@ -11,9 +11,10 @@ the paper's.
 >>> loc = bench.localize("color")       # Algorithm 1 with the user's keywords      # doctest: +SKIP
 >>> sample_size_ablation(bench, "color")                            # Table 6     # doctest: +SKIP
 
-Quick mode (``quick=True``) keeps a few images per class, few seeds and epochs, so a notebook
-runs in about a minute on the offline model on a CPU; its numbers are a smoke run, not a
-result. Full mode uses every labelled image, 10 seeds and the paper's 100 epochs.
+Quick mode (``quick=True``) keeps 2 images per class, 2 seeds, 10 epochs and a localization
+sample of 4, so a notebook runs in well under a minute on the offline model on a CPU (most
+of it importing torch and transformers); its numbers are a smoke run, not a result. Full mode
+uses every labelled image, 10 seeds and the paper's 100 epochs.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ class Settings:
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
         if quick:
-            return cls(per_class=2, n_seeds=2, epochs=15, n_samples=6, alpha=0.3,
+            return cls(per_class=2, n_seeds=2, epochs=10, n_samples=4, alpha=0.3,
                        last_tokens=8)
         return cls(per_class=None, n_seeds=10, epochs=100, n_samples=10, alpha=0.3)
 
@@ -212,7 +213,9 @@ class Workbench:
 
     Captures are kept in memory and written under ``outputs/captures/<key>`` (key = hash of
     model, images, prompt, keywords and capture settings), so re-running a cell, a notebook,
-    or another notebook on the same images and prompt reads them back.
+    or another notebook on the same images and prompt reads them back. So are the per-seed
+    scores of the head and of k-means and the named fit (keyed by the capture, the target
+    cells and the settings): every notebook that evaluates the same target reuses them.
     """
 
     vlm: VLM
@@ -358,12 +361,8 @@ class Workbench:
 
         Computed once per (criterion, prompt): in memory, then on disk.
         """
-        prompt = prompt or self.criteria[criterion].prompt
-        words = [w for w in self.all_keywords(criterion).words if _scorable(self.vlm, w)]
-        images = self.images(criterion)
-        spec = {"what": "cache", "format": CACHE_FORMAT, "model": self._model_key(),
-                "images": [str(p) for p in images.paths], "prompt": prompt, "keywords": words,
-                "top_k": self.settings.top_k, "positions": repr(self.settings.positions)}
+        spec = self._cache_spec(criterion, prompt)
+        prompt, words, images = spec["prompt"], spec["keywords"], self.images(criterion)
         key = _hash(spec)
         if key in self._mem:
             return self._mem[key]
@@ -387,6 +386,22 @@ class Workbench:
                                                       "how": how, "n_images": len(cache)}
         self._mem[key] = cache
         return cache
+
+    def _cache_spec(self, criterion: str, prompt: str | None = None) -> dict:
+        """What :meth:`cache` captures for (criterion, prompt); its hash names the capture."""
+        words = [w for w in self.all_keywords(criterion).words if _scorable(self.vlm, w)]
+        return {"what": "cache", "format": CACHE_FORMAT, "model": self._model_key(),
+                "images": [str(p) for p in self.images(criterion).paths],
+                "prompt": prompt or self.criteria[criterion].prompt, "keywords": words,
+                "top_k": self.settings.top_k, "positions": repr(self.settings.positions)}
+
+    def _derived(self, what: str, criterion: str, cells, prompt: str | None, make, **spec):
+        """A JSON-able result computed from the capture of (criterion, prompt) at ``cells``:
+        in memory, then on disk beside the capture (keyed by the capture and ``spec``)."""
+        return self._disk_json({"what": what, "capture": _hash(self._cache_spec(criterion,
+                                                                                prompt)),
+                                "cells": [[int(v) for v in c] for c in cells], **spec},
+                               make)
 
     def answers(self, criterion: str, prompt: str | None = None,
                 max_new_tokens: int = 8) -> list[str]:
@@ -460,10 +475,15 @@ class Workbench:
         key = ("eval", criterion, prompt, cells, alpha, kmeans, tuple(self.seeds),
                self.settings.epochs)
         if key not in self._mem:
-            X = self.features(criterion, cells, prompt)
-            y, k = self.y(criterion), self.n_clusters(criterion)
-            out = {"ESMC": head_scores(X, y, k, alpha, seeds=self.seeds,
-                                       epochs=self.settings.epochs)}
+            def make():
+                X = self.features(criterion, cells, prompt)
+                y, k = self.y(criterion), self.n_clusters(criterion)
+                return _frame_doc(head_scores(X, y, k, alpha, seeds=self.seeds,
+                                              epochs=self.settings.epochs))
+
+            out = {"ESMC": _doc_frame(self._derived("head_scores", criterion, cells, prompt,
+                                                    make, alpha=alpha, seeds=self.seeds,
+                                                    epochs=self.settings.epochs))}
             if kmeans:
                 out["ESMC w/o head"] = self._kmeans(criterion, cells, prompt)
             self._mem[key] = out
@@ -472,9 +492,13 @@ class Workbench:
     def _kmeans(self, criterion, cells, prompt) -> pd.DataFrame:
         key = ("kmeans", criterion, prompt, cells, tuple(self.seeds))
         if key not in self._mem:
-            X = self.features(criterion, cells, prompt)
-            self._mem[key] = kmeans_scores(X, self.y(criterion), self.n_clusters(criterion),
-                                           seeds=self.seeds)
+            def make():
+                X = self.features(criterion, cells, prompt)
+                return _frame_doc(kmeans_scores(X, self.y(criterion),
+                                                self.n_clusters(criterion), seeds=self.seeds))
+
+            self._mem[key] = _doc_frame(self._derived("kmeans_scores", criterion, cells,
+                                                      prompt, make, seeds=self.seeds))
         return self._mem[key]
 
     def table(self, rows: list[dict]) -> pd.DataFrame:
@@ -495,6 +519,14 @@ def _scorable(vlm: VLM, word: str) -> bool:
 
 def _kw_doc(kw: Keywords) -> dict:
     return {"words": kw.words, "raw": kw.raw, "question": kw.question}
+
+
+def _frame_doc(df: pd.DataFrame) -> dict:
+    return df.to_dict(orient="tight")
+
+
+def _doc_frame(doc: dict) -> pd.DataFrame:
+    return pd.DataFrame.from_dict(doc, orient="tight")
 
 
 def _hash(spec) -> str:
@@ -698,8 +730,18 @@ def name_result(bench: Workbench, criterion: str, loc: Localization) -> pd.DataF
     key = ("named", criterion, tuple(loc.targets))
     if key not in bench._mem:
         X = bench.features(criterion, loc)
-        labels, proba, _ = head_labels(X, bench.n_clusters(criterion), bench.settings.alpha,
-                                       bench.seed, bench.settings.epochs)
+        s = bench.settings
+
+        def fit():
+            labels, proba, _ = head_labels(X, bench.n_clusters(criterion), s.alpha,
+                                           bench.seed, s.epochs)
+            return {"labels": labels.tolist(), "proba": proba.tolist(),
+                    "dtype": str(proba.dtype)}
+
+        doc = bench._derived("head_fit", criterion, loc.targets, None, fit, alpha=s.alpha,
+                             seed=bench.seed, epochs=s.epochs)
+        labels = np.asarray(doc["labels"], dtype=np.int64)
+        proba = np.asarray(doc["proba"], dtype=doc["dtype"])
         kw = bench.keywords(criterion, "user")
         df = name_clusters(X[:, : bench.unembed.vocab_size], labels, bench.vlm.tokenizer,
                            keywords=kw.words, y_true=bench.y(criterion),
@@ -843,12 +885,23 @@ def criterion_specificity(bench: Workbench, criterion: str, other: str,
 
 
 def prompt_robustness(bench: Workbench, criteria: Sequence[str] | None = None,
-                      source: str = "user") -> tuple[pd.DataFrame, dict]:
+                      source: str = "user", variants: Sequence[str] | None = None
+                      ) -> tuple[pd.DataFrame, dict]:
     """Table 5: the four prompt forms per criterion; target, NMI, RI. Also returns the
-    localizations (for Figure 10's heatmaps), keyed by (criterion, variant)."""
+    localizations (for Figure 10's heatmaps), keyed by (criterion, variant).
+
+    ``variants``: the forms to run, by name (``"Original"``, ``"Variant 1"`` ..); default
+    all four. Each form other than the original is one more capture of every image.
+    """
     rows, locs = [], {}
     for crit in criteria or bench.focus:
-        for variant, prompt in prompt_variants(bench.criteria[crit]):
+        forms = prompt_variants(bench.criteria[crit])
+        unknown = sorted(set(variants or ()) - {v for v, _ in forms})
+        if unknown:
+            raise ConfigError(f"variants {unknown}: use {[v for v, _ in forms]}")
+        for variant, prompt in forms:
+            if variants is not None and variant not in variants:
+                continue
             cache = keyword_view(bench.cache(crit, prompt), bench.keywords(crit, source))
             loc = localize(cache, n_samples=bench.settings.n_samples, seed=bench.seed)
             ev = bench.evaluate(crit, loc, prompt=prompt, kmeans=False)["ESMC"]

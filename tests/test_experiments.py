@@ -115,6 +115,35 @@ def test_workbench_cache_is_computed_once_and_read_back_from_disk(bench, tiny_vl
     assert c1.keywords == c2.keywords
 
 
+def test_scores_and_the_named_fit_are_read_back_by_another_workbench(bench, tiny_vlm,
+                                                                     monkeypatch):
+    loc = bench.localize("color")
+    ev = bench.evaluate("color", loc)
+    named = E.name_result(bench, "color", loc)
+    labels, proba = E.cluster_labels(bench, "color", loc)
+    again = E.Workbench.open(tiny_vlm, data=None, quick=True, outputs=bench.outputs,
+                             figures=bench.figures, n_synthetic=8, verbose=False)
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("a cached result was recomputed")
+
+    for name in ("head_scores", "kmeans_scores", "head_labels"):
+        monkeypatch.setattr(E, name, recomputed)
+    loc2 = again.localize("color")
+    assert loc2.targets == loc.targets
+    ev2 = again.evaluate("color", loc2)
+    for method in ("ESMC", "ESMC w/o head"):
+        pd.testing.assert_frame_equal(ev2[method], ev[method])
+    assert ev2["ESMC"].index.name == "seed" and list(ev2["ESMC"].index) == bench.seeds
+    pd.testing.assert_frame_equal(E.name_result(again, "color", loc2), named)
+    labels2, proba2 = E.cluster_labels(again, "color", loc2)
+    assert np.array_equal(labels2, labels) and proba2.dtype == proba.dtype
+    assert np.array_equal(proba2, proba)
+    # other settings are other results: a new alpha is computed
+    with pytest.raises(AssertionError, match="recomputed"):
+        again.evaluate("color", loc2, alpha=0.55)
+
+
 def test_keyword_view_selects_keyword_columns(bench):
     cache = bench.cache("color")
     words = cache.keywords[1:3][::-1]
@@ -187,6 +216,13 @@ def test_prompt_robustness_captures_each_variant(bench):
     assert list(t5["variant"]) == ["Original", "Variant 1", "Variant 2", "Variant 3"]
     assert len(set(t5["prompt"])) == 4 and set(locs) == {("color", v) for v in t5["variant"]}
     assert (t5["model"] == bench.model).all()
+    some, _ = E.prompt_robustness(bench, ["color"], variants=["Original", "Variant 2"])
+    assert list(some["variant"]) == ["Original", "Variant 2"]
+    pd.testing.assert_frame_equal(some.reset_index(drop=True),
+                                  t5[t5["variant"].isin(["Original", "Variant 2"])]
+                                  .reset_index(drop=True))
+    with pytest.raises(Exception, match="Variant 9"):
+        E.prompt_robustness(bench, ["color"], variants=["Variant 9"])
 
 
 def test_cost_table_measures_every_step(bench):
