@@ -405,7 +405,8 @@ def load_dataset(
     skipped: list[tuple[str, str]] = []
     all_criteria = [p.name for p in _visible_subdirs(root)]
     for p in sorted(root.iterdir()):
-        if p.is_file() and not _is_hidden(p.name):
+        # Only images are reported: a README or manifest beside the criteria is not data.
+        if p.is_file() and not _is_hidden(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS:
             skipped.append((str(p), "file outside any criterion folder"))
     if not all_criteria:
         raise DataError(

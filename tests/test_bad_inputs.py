@@ -217,10 +217,12 @@ def test_images_in_no_criterion_are_reported(tmp_path, tiny_vlm, capsys, fast_cl
         "shape": {"round": ["a.png", "e.png"], "square": ["b.png", "c.png", "d.png"]}})
     png(root / "loose.png")  # in no criterion
     png(root / "color" / "stray.png")  # in a criterion, in no class
+    (root / "README.md").write_text("notes beside the data are not skipped images")
     ds = load_dataset(root)
     reasons = dict(zip(ds.skipped["path"], ds.skipped["reason"], strict=True))
     assert reasons[str(root / "loose.png")] == "file outside any criterion folder"
     assert "not in a class" in reasons[str(root / "color" / "stray.png")]
+    assert str(root / "README.md") not in reasons
     # e.png is labelled for shape only: clustered, not scored for color
     assert "e.png" in ds.names and ds.y("color")[ds.names.index("e.png")] == -1
     notes = dataset_notes(ds, "color")
