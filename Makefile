@@ -14,6 +14,9 @@ NB_TIMEOUT ?= 1200
 NB_THREADS ?= 1
 # `make test` also executes every notebook (quick mode) in CI (CI=true), or with NB_IN_TEST=1.
 NB_IN_TEST ?= $(if $(filter true 1,$(CI)),1,0)
+# Every notebook, headlessly, in quick mode (a smoke run: see notebooks/README.md).
+NB_RUN = ESMC_QUICK=1 MPLBACKEND=Agg OMP_NUM_THREADS=$(NB_THREADS) $(BIN)/python -m pytest -q \
+	-p no:cacheprovider --nbmake --nbmake-timeout=$(NB_TIMEOUT) --durations=0 notebooks
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test test-fast notebooks lint bench clean
@@ -32,18 +35,18 @@ $(STAMP):
 demo: install
 	$(BIN)/esmc-lens demo
 
+# The notebooks run even when the suite fails (CI reports both); either failing fails.
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
-	@if [ "$(NB_IN_TEST)" = 1 ]; then $(MAKE) --no-print-directory notebooks; \
-	else echo "make test: notebooks not executed (CI is not true): run 'make notebooks'"; fi
+	@status=0; set -x; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=1; { set +x; } 2>/dev/null; \
+	if [ "$(NB_IN_TEST)" = 1 ]; then set -x; $(NB_RUN) || status=1; \
+	else echo "make test: notebooks not executed (CI is not true): run 'make notebooks'"; fi; \
+	exit $$status
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Every notebook, headlessly, in quick mode (a smoke run: see notebooks/README.md).
 notebooks: install
-	ESMC_QUICK=1 MPLBACKEND=Agg OMP_NUM_THREADS=$(NB_THREADS) $(BIN)/python -m pytest -q \
-		-p no:cacheprovider --nbmake --nbmake-timeout=$(NB_TIMEOUT) --durations=0 notebooks
+	$(NB_RUN)
 
 lint: install
 	$(BIN)/ruff check esmc_lens tests
