@@ -20,6 +20,7 @@ uses every labelled image, 10 seeds and the paper's 100 epochs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -397,11 +398,12 @@ class Workbench:
 
     def _derived(self, what: str, criterion: str, cells, prompt: str | None, make, **spec):
         """A JSON-able result computed from the capture of (criterion, prompt) at ``cells``:
-        in memory, then on disk beside the capture (keyed by the capture and ``spec``)."""
+        in memory, then on disk beside the capture (keyed by the capture, ``spec`` and the
+        code that computes it: a change to the head or the metrics recomputes it)."""
         return self._disk_json({"what": what, "capture": _hash(self._cache_spec(criterion,
                                                                                 prompt)),
-                                "cells": [[int(v) for v in c] for c in cells], **spec},
-                               make)
+                                "cells": [[int(v) for v in c] for c in cells],
+                                "code": _code_digest(), **spec}, make)
 
     def answers(self, criterion: str, prompt: str | None = None,
                 max_new_tokens: int = 8) -> list[str]:
@@ -519,6 +521,17 @@ def _scorable(vlm: VLM, word: str) -> bool:
 
 def _kw_doc(kw: Keywords) -> dict:
     return {"words": kw.words, "raw": kw.raw, "question": kw.question}
+
+
+@functools.cache
+def _code_digest() -> str:
+    """Digest of the modules the cached scores come from (head, baselines, metrics, targets)."""
+    from . import baselines, head, metrics, targets
+
+    h = hashlib.sha256()
+    for module in (baselines, head, metrics, targets):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _frame_doc(df: pd.DataFrame) -> dict:

@@ -142,6 +142,12 @@ def test_scores_and_the_named_fit_are_read_back_by_another_workbench(bench, tiny
     # other settings are other results: a new alpha is computed
     with pytest.raises(AssertionError, match="recomputed"):
         again.evaluate("color", loc2, alpha=0.55)
+    # so is the same target after a change to the code that scores it
+    monkeypatch.setattr(E, "_code_digest", lambda: "changed")
+    third = E.Workbench.open(tiny_vlm, data=None, quick=True, outputs=bench.outputs,
+                             figures=bench.figures, n_synthetic=8, verbose=False)
+    with pytest.raises(AssertionError, match="recomputed"):
+        third.evaluate("color", third.localize("color"))
 
 
 def test_keyword_view_selects_keyword_columns(bench):
