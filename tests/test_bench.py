@@ -167,7 +167,7 @@ def test_head_fit_loop_is_bit_identical_to_the_autograd_loop(batch_size):
     for layer in head:
         if isinstance(layer, nn.Linear):
             _init_linear(layer, gen)
-    inputs = torch.from_numpy(X[est.pseudo_indices_])
+    inputs = torch.from_numpy(X[est.pseudo_indices_] * np.float32(est.input_scale_))
     targets = torch.from_numpy(est.pseudo_labels_)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
     n = inputs.shape[0]

@@ -213,16 +213,20 @@ def test_rescale_trains_on_tiny_features(blobs: tuple[np.ndarray, np.ndarray]) -
     assert fitted.loss_curve_[-1] < 0.1
     assert adjusted_rand_score(fitted.kmeans_labels_, fitted.labels_) == 1.0
     rms = math.sqrt(float(np.mean(np.square(tiny))))
-    assert fitted.input_scale_ == pytest.approx(1.0 / rms, rel=1e-12)
+    assert fitted.input_scale_ == 2.0 ** round(-math.log2(rms))  # exact: a power of two
+    assert 0.5 < rms * fitted.input_scale_ < 2.0
 
 
 def test_rescale_makes_the_head_scale_invariant(blobs: tuple[np.ndarray, np.ndarray]) -> None:
     X, _ = blobs
-    a, b = small(n_clusters=4).fit(X), small(n_clusters=4).fit(X * 1e-4)
+    a, b = small(n_clusters=4).fit(X), small(n_clusters=4).fit(X * 2.0**-13)
+    plain = small(n_clusters=4, rescale=False).fit(X)  # k-means is untouched by the scale
+    np.testing.assert_array_equal(a.kmeans_labels_, plain.kmeans_labels_)
+    np.testing.assert_array_equal(a.pseudo_indices_, plain.pseudo_indices_)
     np.testing.assert_array_equal(a.kmeans_labels_, b.kmeans_labels_)
     np.testing.assert_array_equal(a.pseudo_indices_, b.pseudo_indices_)
     np.testing.assert_array_equal(a.labels_, b.labels_)
-    np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X * 1e-4), atol=1e-4)
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X * 2.0**-13))
 
 
 @pytest.mark.parametrize(
