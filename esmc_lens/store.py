@@ -62,6 +62,7 @@ from .backend import VLM, library_versions
 from .cache import ResidualCache
 from .capture import _inputs, capture
 from .errors import CaptureError, ConfigError, EsmcWarning, ImageError
+from .lens import keyword_token_ids
 from .validate import check_writable_dir
 
 __all__ = ["STORE_VERSION", "cache_key", "cached_capture", "default_capture_dir",
@@ -211,6 +212,9 @@ def cache_key(vlm: VLM, prompts: Sequence[str], batch_size: int, **capture_kwarg
         "formatted_prompts": ([vlm.format_prompt(p) for p in unique] if len(unique) <= 8
                               else _sha(_json([vlm.format_prompt(p) for p in unique]))),
         "capture": _capture_options(capture_kwargs),
+        # the token ids the keyword rule scores: a change of the rule is a new capture
+        "keyword_token_ids": (keyword_token_ids(vlm.tokenizer, capture_kwargs["keywords"]).groups
+                              if capture_kwargs.get("keywords") else None),
         "batch_size": int(batch_size),
         "versions": {**library_versions(), "pillow": PIL.__version__,
                      "python": ".".join(map(str, sys.version_info[:2]))},

@@ -65,10 +65,12 @@ def test_keyword_rule(tiny_vlm):
     for word, ids in zip(["red", "blue"], kt.groups, strict=True):
         expected = []
         for v in (" " + word, word, " " + word.capitalize(), word.capitalize()):
-            toks = tok.encode(v, add_special_tokens=False)
-            first = next(t for t in toks if tok.decode([t]).strip())  # bare spaces skipped
-            if first not in expected:
-                expected.append(first)
+            toks = [t for t in tok.encode(v, add_special_tokens=False)
+                    if tok.decode([t]).strip()]  # bare spaces skipped
+            # a whole-variant token, or a first piece of >= 3 characters
+            if (len(toks) == 1 or len(tok.decode([toks[0]]).strip()) >= 3) and (
+                    toks[0] not in expected):
+                expected.append(toks[0])
         assert sorted(ids) == sorted(expected)
     assert tok.decode([kt.groups[0][0]]) == " red"
     assert kt.multi_token == []  # " red" and " blue" are single tokens
@@ -82,3 +84,38 @@ def test_keyword_rule(tiny_vlm):
 def test_keyword_clash_is_reported(tiny_vlm):
     kt = keyword_token_ids(tiny_vlm.tokenizer, ["red", "Red"])
     assert kt.clashes and all(set(v) == {"red", "Red"} for v in kt.clashes.values())
+
+
+PIECE_SPLITS = {  # variant -> its tokens
+    " lily": [" lily"], "lily": ["l", "ily"], " Lily": [" Lily"], "Lily": [" Lily"],
+    " carnation": [" carn", "ation"], "carnation": ["c", "arnation"],
+    " Carnation": [" C", "arnation"], "Carnation": ["C", "arnation"],
+    " hyacinth": [" hy", "acinth"], "hyacinth": ["hy", "acinth"],
+    " Hyacinth": [" Hy", "acinth"], "Hyacinth": ["Hy", "acinth"],
+    " daisy": [" d", "aisy"], "daisy": ["da", "aisy"], " Daisy": [" Daisy"],
+    "Daisy": ["D", "aisy"],
+}
+
+
+class PieceTokenizer:
+    """A hand-made vocabulary: whole words, long and short first pieces of split words."""
+
+    VOCAB = (" lily", " Lily", "l", "ily", " carn", "c", " C", "C", "arnation", "ation",
+             " hy", "hy", " Hy", "Hy", "acinth", " Daisy", " d", "aisy", "D", "da")
+    def encode(self, text, add_special_tokens=False):
+        return [self.VOCAB.index(t) for t in PIECE_SPLITS[text]]
+
+    def decode(self, ids):
+        return "".join(self.VOCAB[i] for i in ids)
+
+
+def test_keyword_rule_drops_short_first_pieces():
+    tok = PieceTokenizer()
+    kt = keyword_token_ids(tok, ["lily", "carnation", "daisy", "hyacinth"])
+    words = [sorted(tok.decode([i]) for i in g) for g in kt.groups]
+    assert words[0] == [" Lily", " lily"]  # whole words; the piece "l" is dropped
+    assert words[1] == [" carn"]  # split everywhere: only its piece of >= 3 characters
+    assert words[2] == [" Daisy"]  # " d", "da", "D" would score most words
+    assert words[3] == [" Hy", " hy", "Hy", "hy"]  # no long piece: its longest ones
+    assert kt.multi_token == ["carnation", "hyacinth"]
+    assert kt.clashes == {}
