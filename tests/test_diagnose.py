@@ -1,0 +1,57 @@
+"""esmc_lens.diagnose: the lens's own reading of the target, scored against the labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from esmc_lens.diagnose import lens_readout
+from esmc_lens.metrics import nmi
+
+WORDS = ["red", "pink", "white", "a", "the"]
+
+
+class WordTokenizer:
+    """One token per word (any case, with or without a leading space)."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [WORDS.index(text.strip().lower())]
+
+    def decode(self, ids) -> str:
+        return " " + WORDS[int(ids[0])]
+
+
+def probs(rows: list[list[float]]) -> np.ndarray:
+    x = np.asarray(rows, dtype=np.float64)
+    return x / x.sum(axis=1, keepdims=True)
+
+
+def test_readout_counts_and_scores_by_hand():
+    # Four pink flowers the lens reads as red (two) or pink (two); two red read as red; one
+    # white read as white; one unlabelled image (-1) is read but not scored.
+    X = probs([[6, 3, 1, 0, 0], [5, 4, 1, 0, 0], [1, 7, 2, 0, 0], [2, 6, 2, 0, 0],
+               [8, 1, 1, 0, 0], [7, 2, 1, 0, 0], [1, 1, 8, 0, 0], [1, 8, 1, 0, 0]])
+    y = np.array([1, 1, 1, 1, 0, 0, 2, -1])
+    r = lens_readout(X, WordTokenizer(), ["red", "pink", "white"], y)
+    np.testing.assert_array_equal(r.read, [0, 0, 1, 1, 0, 0, 2, 1])
+    assert r.crosstab.loc["pink"].tolist() == [2, 2, 0]
+    assert r.crosstab.loc["red"].tolist() == [2, 0, 0]
+    assert r.crosstab.loc["white"].tolist() == [0, 0, 1]
+    assert r.acc == pytest.approx(5 / 7)
+    assert r.nmi == pytest.approx(nmi(y[:7], r.read[:7]))
+    assert r.class_mass == pytest.approx(1.0)
+    assert r.top_tokens["token"].tolist()[:2] == [" red", " pink"]
+    assert r.top_tokens["images"].tolist()[:2] == [4, 3]
+
+
+def test_readout_from_logits_equals_readout_from_probs():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(12, len(WORDS))) * 3
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = rng.integers(0, 3, 12)
+    a = lens_readout(logits, WordTokenizer(), ["red", "pink", "white"], y)
+    b = lens_readout(p, WordTokenizer(), ["red", "pink", "white"], y)
+    np.testing.assert_array_equal(a.read, b.read)
+    assert a.class_mass == pytest.approx(b.class_mass)
+    # the criterion's words carry only part of the mass when "a"/"the" win
+    assert 0 < a.class_mass < 1
