@@ -126,6 +126,34 @@ def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """What the lens says at a saved run's target, scored against the labels."""
+    from .backend import load_model
+    from .data import load_dataset
+    from .diagnose import readout_for_run
+    from .pipeline import EsmcResult
+
+    res = EsmcResult.load(args.run)
+    ds = load_dataset(args.data)
+    vlm = load_model(args.model or res.model, device=args.device, dtype=args.dtype)
+    r = readout_for_run(vlm, ds, res, cache_dir=args.cache_dir, progress=not args.quiet)
+    out = {"model": vlm.name, "criterion": res.criterion, "target": res.target_labels,
+           "readout_nmi": r.nmi, "readout_acc": r.acc, "class_mass": r.class_mass,
+           "crosstab": r.crosstab.to_dict(), "top_tokens": r.top_tokens.to_dict("records")}
+    if args.json:
+        json.dump(out, sys.stdout, indent=1, default=int)
+        print()
+        return 0
+    print(f"{vlm.name}: {res.criterion}, target {', '.join(res.target_labels)}: the lens's "
+          f"class word scores NMI {r.nmi:.4f}, ACC {r.acc:.4f}; class words hold "
+          f"{r.class_mass:.1%} of the probability")
+    print(r.crosstab.to_string())
+    print("most frequent top-1 lens tokens:", ", ".join(
+        f"{t!r} x{n}" for t, n in zip(r.top_tokens["token"], r.top_tokens["images"],
+                                       strict=True)))
+    return 0
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     print(results_table(args.runs, args.dataset))
     return 0
@@ -244,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="output folders of `esmc-lens run`")
     p.add_argument("--dataset", default=None, help="paper dataset name, e.g. flower")
     p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("diagnose", help="what the lens says at a saved run's target, scored "
+                                        "against the labels (why ESMC does or does not win)")
+    _add_model_args(p)
+    p.set_defaults(model=None)  # default: the run's own model
+    p.add_argument("run", help="output folder of `esmc-lens run`")
+    p.add_argument("--data", required=True, help="the run's dataset root")
+    p.add_argument("--cache-dir", default=None, help="the run's --cache-dir (reuses its capture)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("demo", help="the README's main job on the synthetic dataset")
     _add_model_args(p)

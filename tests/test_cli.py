@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import solid
 
 from esmc_lens.cli import main
+from esmc_lens.metrics import accuracy, nmi
 from esmc_lens.synthetic import make_synthetic_dataset
 
 
@@ -59,6 +61,18 @@ def test_run_writes_results_and_assignments(tmp_path, synth, capsys):
     assert main(["table", str(out), "--dataset", "flower"]) == 0
     table = capsys.readouterr().out
     assert "| color | ESMC |" in table and "0.7283" in table  # paper's number, labelled
+    # diagnose: the lens's class-word reading at the run's target, scored against the labels
+    assert main(["diagnose", str(out), "--data", str(synth), "--json", "--quiet"]) == 0
+    diag = json.loads(capsys.readouterr().out)
+    assert diag["model"] == "tiny" and diag["target"] == res["target_labels"]
+    table = pd.DataFrame(diag["crosstab"])  # true (rows) x read (columns)
+    assert int(table.to_numpy().sum()) == 16
+    assert table.sum(axis=1).to_dict() == df["true_label"].value_counts().to_dict()
+    true = np.repeat(np.arange(len(table)), table.sum(axis=1))
+    read = np.concatenate([np.repeat(np.arange(table.shape[1]), row) for row in table.to_numpy()])
+    assert diag["readout_nmi"] == pytest.approx(nmi(true, read), abs=1e-12)
+    assert diag["readout_acc"] == pytest.approx(accuracy(true, read), abs=1e-12)
+    assert 0 < diag["class_mass"] <= 1
 
 
 def test_bad_criterion_exits_2_without_traceback(synth, capsys, tmp_path):
