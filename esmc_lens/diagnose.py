@@ -116,7 +116,8 @@ def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
 
     if result.y_true is None or result.class_names is None:
         raise ConfigError("the run has no labels: a readout needs the criterion's classes")
-    seq = sorted(set(_target_sequence_positions(result)))
+    positions = _target_sequence_positions(result)
+    seq = sorted(set(positions))
     stream = sorted({s for s, _ in result.target})
     kwargs = dict(positions=seq, layers=stream, batch_size=batch_size, vision=True,
                   store_dtype=torch.float32, progress=progress)
@@ -129,6 +130,6 @@ def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
     if list(cache.image_ids) != list(result.image_ids):
         raise ConfigError("the dataset's images differ from the run's; pass the run's data")
     s, _ = result.target[0]
-    cell = (s, seq.index(_target_sequence_positions(result)[0]))
+    cell = (s, seq.index(positions[0]))
     X = target_embeddings(cache, [cell], space="logits", unembed=Unembed.from_model(vlm))
     return lens_readout(X, vlm.tokenizer, list(result.class_names), result.y_true)

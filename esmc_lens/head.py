@@ -243,12 +243,13 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
             for name in ("mean_", "scale_"):
                 self.__dict__.pop(name, None)
         self.input_scale_ = 1.0
+        Z = self._transform(X)
         if self.rescale:
-            rms = math.sqrt(float(np.mean(np.square(self._transform(X), dtype=np.float64))))
+            rms = math.sqrt(float(np.mean(np.square(Z, dtype=np.float64))))
             # A power of two: scaling is then exact in floating point, so k-means and the
             # pseudo-labels are bit for bit those of the unscaled features.
             self.input_scale_ = 2.0 ** -round(math.log2(rms)) if rms > 0 else 1.0
-        Z = self._transform(X)
+            Z = Z * np.asarray(self.input_scale_, dtype=Z.dtype)
 
         km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=kmeans_seed)
         assignment = km.fit_predict(Z).astype(np.int64)

@@ -88,3 +88,14 @@ def assert_same_cache(a, b) -> None:
             assert x.dtype == y.dtype and torch.equal(x, y), name
     assert a.tokens == b.tokens and a.stream == b.stream and a.keywords == b.keywords
     assert a.image_ids == b.image_ids and a.prompts == b.prompts
+
+
+def shard_dirs(cache_dir: Path) -> list[Path]:
+    """The shard folders of every capture under a ``cached_capture`` store."""
+    return sorted(p for p in cache_dir.glob("*/shards/*") if not p.name.startswith("."))
+
+
+def shard_stats(paths: list[Path]) -> dict[str, tuple[int, int]]:
+    """inode and mtime of each shard's tensors: unchanged iff not rewritten."""
+    return {p.name: ((p / "tensors.safetensors").stat().st_ino,
+                     (p / "tensors.safetensors").stat().st_mtime_ns) for p in paths}

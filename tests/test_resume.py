@@ -9,11 +9,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_images
+from conftest import shard_dirs, shard_stats, write_images
 
 from esmc_lens.capture import capture
 from esmc_lens.store import cached_capture
@@ -24,16 +23,6 @@ OPTIONS = {"keywords": ["red", "blue"], "top_k": 3, "vision": True,
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def shard_dirs(cache_dir: Path) -> list[Path]:
-    return sorted(p for p in cache_dir.glob("*/shards/*") if not p.name.startswith("."))
-
-
-def stats(paths: list[Path]) -> dict[str, tuple[int, int]]:
-    """inode and mtime of each shard's tensors: unchanged iff not rewritten."""
-    return {p.name: ((p / "tensors.safetensors").stat().st_ino,
-                     (p / "tensors.safetensors").stat().st_mtime_ns) for p in paths}
 
 
 CHILD = textwrap.dedent("""
@@ -82,13 +71,13 @@ def test_sigkill_mid_run_then_resume_gives_identical_result(tiny_vlm, tmp_path):
     assert 2 <= len(done) < 8, "the kill must land mid-run"
     partial = half_written()
     assert partial and not (partial[0].parent / "cache.json").exists()
-    before = stats(done)
+    before = shard_stats(done)
 
     resumed = cached_capture(tiny_vlm, paths, PROMPT, cache_dir, batch_size=1,
                              progress=False, **OPTIONS)
     info = resumed.meta["capture_cache"]
     assert (info["loaded"], info["computed"]) == (len(done), 8 - len(done))
-    after = stats(shard_dirs(cache_dir))
+    after = shard_stats(shard_dirs(cache_dir))
     assert {k: after[k] for k in before} == before  # completed shards were not recomputed
     assert len(after) == 8 and not list(cache_dir.rglob("*.part"))
     uninterrupted = capture(tiny_vlm, paths, PROMPT, batch_size=1, progress=False, **OPTIONS)

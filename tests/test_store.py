@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_cache, write_images
+from conftest import assert_same_cache, shard_dirs, shard_stats, write_images
 from PIL import Image
 
 from esmc_lens.backend import load_model
@@ -25,17 +25,6 @@ OPTIONS = {"keywords": ["red", "blue"], "top_k": 3, "vision": True,
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
-
-def shard_dirs(cache_dir: Path) -> list[Path]:
-    return sorted(p for p in cache_dir.glob("*/shards/*") if not p.name.startswith("."))
-
-
-def stats(paths: list[Path]) -> dict[str, tuple[int, int]]:
-    return {p.name: ((p / "tensors.safetensors").stat().st_ino,
-                     (p / "tensors.safetensors").stat().st_mtime_ns) for p in paths}
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
     return write_images(tmp_path_factory.mktemp("img"), 5)
@@ -47,12 +36,12 @@ def test_equal_to_capture_and_second_run_reads_everything(tiny_vlm, images, tmp_
                            **OPTIONS)
     assert first.meta["capture_cache"] | {"dir": None, "settings_key": None} == {
         "dir": None, "settings_key": None, "batches": 3, "loaded": 0, "computed": 3}
-    before = stats(shard_dirs(tmp_path))
+    before = shard_stats(shard_dirs(tmp_path))
     second = cached_capture(tiny_vlm, images, PROMPT, tmp_path, batch_size=2, progress=False,
                             **OPTIONS)
     assert second.meta["capture_cache"]["loaded"] == 3
     assert second.meta["capture_cache"]["computed"] == 0
-    assert stats(shard_dirs(tmp_path)) == before  # nothing rewritten
+    assert shard_stats(shard_dirs(tmp_path)) == before  # nothing rewritten
     assert_same_cache(ref, first)
     assert_same_cache(ref, second)
     drop = lambda m: {k: v for k, v in m.items() if k != "capture_cache"}  # noqa: E731
