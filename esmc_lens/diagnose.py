@@ -108,25 +108,17 @@ def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
     baselines on), so with the run's ``cache_dir`` (``esmc-lens run --cache-dir``) nothing is
     recomputed.
     """
-    import torch
-
-    from .capture import capture
     from .lens import Unembed
+    from .pipeline import capture_target_cells
     from .targets import target_embeddings
 
     if result.y_true is None or result.class_names is None:
         raise ConfigError("the run has no labels: a readout needs the criterion's classes")
     positions = _target_sequence_positions(result)
     seq = sorted(set(positions))
-    stream = sorted({s for s, _ in result.target})
-    kwargs = dict(positions=seq, layers=stream, batch_size=batch_size, vision=True,
-                  store_dtype=torch.float32, progress=progress)
-    if cache_dir is None:
-        cache = capture(vlm, dataset, result.prompt, **kwargs)
-    else:
-        from .store import cached_capture
-
-        cache = cached_capture(vlm, dataset, result.prompt, cache_dir=cache_dir, **kwargs)
+    cache = capture_target_cells(vlm, dataset, result.prompt, seq,
+                                 sorted({s for s, _ in result.target}), cache_dir=cache_dir,
+                                 batch_size=batch_size, vision=True, progress=progress)
     if list(cache.image_ids) != list(result.image_ids):
         raise ConfigError("the dataset's images differ from the run's; pass the run's data")
     s, _ = result.target[0]

@@ -190,6 +190,30 @@ def choose_keywords(vlm: VLM, prompt: str, keywords=None, images=None,
                       "--keywords red,white,pink) or a dataset criterion with class names")
 
 
+def capture_fn(cache_dir: str | Path | None):
+    """:func:`~esmc_lens.capture.capture`, or its disk-cached form when ``cache_dir`` is set."""
+    if cache_dir is None:
+        return capture
+    from .store import cached_capture
+
+    return partial(cached_capture, cache_dir=cache_dir)
+
+
+def capture_target_cells(vlm: VLM, images, prompt: str, positions: list[int],
+                         layers: list[int], *, cache_dir: str | Path | None = None,
+                         batch_size: int = 8, vision: bool = True, progress: bool = True):
+    """Every image at the target cells only: :func:`run_esmc`'s second capture.
+
+    ``positions`` are sequence positions, ``layers`` stream indices; states are kept in fp32.
+    Anything that recaptures a run's targets (e.g. :func:`esmc_lens.diagnose.readout_for_run`)
+    goes through here, so with the run's ``cache_dir`` its batches are read back, not
+    recomputed.
+    """
+    return capture_fn(cache_dir)(vlm, images, prompt, positions=positions, layers=layers,
+                                 batch_size=batch_size, vision=vision,
+                                 store_dtype=torch.float32, progress=progress)
+
+
 def run_esmc(
     vlm: VLM,
     images,
@@ -242,12 +266,7 @@ def run_esmc(
     kw = choose_keywords(vlm, prompt, keywords, images, criterion, keyword_source)
     for note in keyword_notes(vlm.tokenizer, kw.words):
         warnings.warn(note, EsmcWarning, stacklevel=2)
-    if cache_dir is None:
-        cap = capture
-    else:
-        from .store import cached_capture
-
-        cap = partial(cached_capture, cache_dir=cache_dir)
+    cap = capture_fn(cache_dir)
     timings["keywords"] = time.perf_counter() - t
 
     # 1. localization on sampled images: every layer, every prompt position.
@@ -267,9 +286,9 @@ def run_esmc(
     # 2. every image at the target cells only.
     t = time.perf_counter()
     seq = sorted({int(loc_cache.positions[0, p]) for _, p in loc.targets})
-    cache = cap(vlm, images, prompt, positions=seq,
-                layers=sorted({s for s, _ in loc.targets}), batch_size=batch_size,
-                vision=baselines, store_dtype=torch.float32, progress=progress)
+    cache = capture_target_cells(vlm, images, prompt, seq, sorted({s for s, _ in loc.targets}),
+                                 cache_dir=cache_dir, batch_size=batch_size, vision=baselines,
+                                 progress=progress)
     targets = [(s, seq.index(int(loc_cache.positions[0, p]))) for s, p in loc.targets]
     unembed = Unembed.from_model(vlm)
     X = target_embeddings(cache, targets, space=space, unembed=unembed)

@@ -55,3 +55,31 @@ def test_readout_from_logits_equals_readout_from_probs():
     assert a.class_mass == pytest.approx(b.class_mass)
     # the criterion's words carry only part of the mass when "a"/"the" win
     assert 0 < a.class_mass < 1
+
+
+def test_readout_for_run_reads_the_runs_capture_cache(tiny_vlm, tmp_path, monkeypatch):
+    import functools
+
+    import esmc_lens.store as store_module
+    from esmc_lens.data import load_dataset
+    from esmc_lens.diagnose import readout_for_run
+    from esmc_lens.pipeline import run_esmc
+    from esmc_lens.synthetic import SYNTHETIC_PROMPTS, make_synthetic_dataset
+
+    ds = load_dataset(make_synthetic_dataset(tmp_path / "d", n_images=8, seed=3))
+    cache_dir = tmp_path / "captures"
+    res = run_esmc(tiny_vlm, ds, SYNTHETIC_PROMPTS["color"], criterion="color",
+                   keywords=["red", "green", "blue", "yellow"], keyword_source="user",
+                   n_seeds=1, n_samples=4, progress=False, cache_dir=cache_dir)
+    fresh = readout_for_run(tiny_vlm, ds, res, progress=False)
+
+    @functools.wraps(store_module.capture)  # the store keys captures by its signature
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the run's target cells were captured again")
+
+    # every batch of the target capture must come from the run's store
+    monkeypatch.setattr(store_module, "capture", no_forward)
+    cached = readout_for_run(tiny_vlm, ds, res, cache_dir=cache_dir, progress=False)
+    np.testing.assert_array_equal(cached.read, fresh.read)
+    assert cached.class_mass == fresh.class_mass
+    assert cached.crosstab.equals(fresh.crosstab) and cached.nmi == fresh.nmi
