@@ -53,7 +53,9 @@ def tiny_case(tiny_vlm):
     return images, cache, _reference(tiny_vlm, images, PROMPTS)
 
 
-def _check_exact(vlm, cache, ref):
+def _check_exact(vlm, cache, ref, logits_tol: float = 1e-5):
+    """States equal hooks and output_hidden_states bit for bit; the last layer's lens equals
+    the logits to ``logits_tol`` (fp32 models: 1e-5; an fp16 model's own logits are fp16)."""
     out, hooked, offsets = ref
     L = vlm.n_layers
     for b in range(len(cache)):
@@ -67,13 +69,41 @@ def _check_exact(vlm, cache, ref):
         normed = vlm.final_norm(cache.states[b, L, : int(valid.sum())].to(vlm.dtype))
         assert torch.equal(normed, out.hidden_states[L][b, seq])
         lens = lens_logits(cache.states[b, L, : int(valid.sum())], Unembed.from_model(vlm))
-        assert (lens - out.logits[b, seq].float().cpu()).abs().max() <= 1e-5
+        assert (lens - out.logits[b, seq].float().cpu()).abs().max() <= logits_tol
 
 
 def test_tiny_capture_equals_hooks_and_hidden_states(tiny_vlm, tiny_case):
     _, cache, ref = tiny_case
     assert cache.states.shape[:2] == (3, tiny_vlm.n_layers + 1)
     _check_exact(tiny_vlm, cache, ref)
+
+
+def test_llava_checkpoint_dir_in_fp16(tiny_vlm, tmp_path):
+    """The path real users take: a saved LlavaForConditionalGeneration + processor loaded by
+    directory (as from the hub), in fp16, captured bit for bit."""
+    from transformers import LlavaForConditionalGeneration
+
+    from esmc_lens.backend import load_model
+
+    tiny_vlm.model.save_pretrained(tmp_path)
+    tiny_vlm.processor.save_pretrained(tmp_path)
+    vlm = load_model(str(tmp_path), dtype="float16")
+    assert type(vlm.model) is LlavaForConditionalGeneration and vlm.prompt_style == "chat"
+    assert vlm.dtype == torch.float16 and not vlm.model.training
+    assert vlm.processor.chat_template == tiny_vlm.processor.chat_template
+    assert vlm.tokenizer.padding_side == "left"
+    for (name, a), b in zip(tiny_vlm.model.state_dict().items(),
+                            vlm.model.state_dict().values(), strict=True):
+        assert torch.equal(a.half(), b), name
+    assert vlm.format_prompt(PROMPTS[0]) == tiny_vlm.format_prompt(PROMPTS[0])
+    images = _images()
+    cache = capture(vlm, images, PROMPTS, store_dtype=torch.float32, progress=False,
+                    batch_size=3, keywords=["red"], top_k=2)
+    # the model's fp16 logits (|x| < 1 here) are within a few fp16 ulps of the fp32 lens
+    _check_exact(vlm, cache, _reference(vlm, images, PROMPTS), logits_tol=1e-3)
+    assert cache.keyword_probs.dtype == torch.float32
+    assert torch.equal(cache.positions, capture(tiny_vlm, images, PROMPTS, progress=False,
+                                                batch_size=3).positions)
 
 
 def test_positions_map_to_tokens_under_left_padding(tiny_vlm, tiny_case):
