@@ -24,6 +24,7 @@ PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F
            "#000000"]
 ONE_COLUMN_IN = 3.4  # width of one column of a two-column paper, inches
 TWO_COLUMN_IN = 7.0
+SAVE_DPI = 300  # PNG resolution of saved figures
 
 
 def _use_headless_backend() -> None:
@@ -46,7 +47,7 @@ def figure_style(width: str = "one", font_size: float = 8.0) -> Iterator[dict]:
         "font.size": font_size, "axes.titlesize": font_size + 1, "axes.labelsize": font_size,
         "xtick.labelsize": font_size - 1, "ytick.labelsize": font_size - 1,
         "legend.fontsize": font_size - 1, "axes.prop_cycle": cycler(color=PALETTE),
-        "image.cmap": "viridis", "figure.dpi": 150, "savefig.dpi": 300,
+        "image.cmap": "viridis", "figure.dpi": 150, "savefig.dpi": SAVE_DPI,
         "savefig.bbox": "tight", "pdf.fonttype": 42, "ps.fonttype": 42,
         "axes.spines.top": False, "axes.spines.right": False,
     }
@@ -55,12 +56,17 @@ def figure_style(width: str = "one", font_size: float = 8.0) -> Iterator[dict]:
 
 
 def save_figure(fig, name: str, outdir: str | os.PathLike = "figures") -> list[Path]:
-    """Save ``fig`` as ``outdir/name.pdf`` and ``outdir/name.png``; returns both paths."""
+    """Save ``fig`` as ``outdir/name.pdf`` and ``outdir/name.png``; returns both paths.
+
+    Cropped to everything drawn (a legend or label outside the axes is kept) at
+    ``SAVE_DPI``, whether or not it is called inside :func:`figure_style`: figures are
+    usually built inside the style's context and saved after it has closed.
+    """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths = [outdir / f"{name}.{ext}" for ext in ("pdf", "png")]
     for p in paths:
-        fig.savefig(p)
+        fig.savefig(p, bbox_inches="tight", dpi=SAVE_DPI)
     return paths
 
 
