@@ -66,3 +66,24 @@ def test_cat_photo_is_named_a_cat(offline_vlm):
     lens_words = {offline_vlm.tokenizer.decode([i]).strip().lower() for i in ids.flatten()}
     cat_words = {"cat", "cats", "kitten", "tabby"}
     assert any(w in answer.lower() for w in cat_words) or lens_words & cat_words, answer
+
+
+def test_fp16_reads_the_same_colours_as_fp32(offline_vlm):
+    """The dtype GPU users get by default (fp16), here on the CPU: same weights rounded, the
+    lens still in fp32, so the colour readout moves by fp16 rounding only."""
+    from esmc_lens.backend import load_model
+
+    half = load_model("offline", dtype="float16")
+    assert half.dtype == torch.float16
+    assert {p.dtype for p in half.model.parameters() if p.is_floating_point()} == {torch.float16}
+    names = ["red", "green", "blue", "yellow"]
+    images = [solid(SOLID_COLOURS[c]) for c in names]
+    kw = dict(positions=[-1], layers=[28, 29, 30], keywords=names, top_k=5, progress=False)
+    c16 = capture(half, images, "The color of the image is", **kw)
+    c32 = capture(offline_vlm, images, "The color of the image is", **kw)
+    assert c16.keyword_probs.dtype == torch.float32
+    # each image's own colour is the most probable keyword in both, with close probabilities
+    assert torch.equal(c16.keyword_probs[:, -1, 0].argmax(-1), torch.arange(len(names)))
+    assert torch.equal(c32.keyword_probs[:, -1, 0].argmax(-1), torch.arange(len(names)))
+    torch.testing.assert_close(c16.keyword_probs, c32.keyword_probs, rtol=0.05, atol=2e-3)
+    assert torch.equal(c16.top_ids[:, -1, 0, 0], c32.top_ids[:, -1, 0, 0])
