@@ -118,8 +118,7 @@ class LensReadout:
     """What the pipeline keeps of the lens at each cell, without the vocabulary axis.
 
     ``keyword_probs`` [..., K] (K = number of keyword groups), ``top_ids`` / ``top_probs``
-    [..., k], ``logsumexp`` [...] (so any token's log-probability can be recovered from
-    its logit later).
+    [..., k]; a field is None when it was not asked for.
     """
 
     keyword_probs: torch.Tensor | None

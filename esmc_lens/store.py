@@ -187,6 +187,20 @@ def _capture_options(kw: dict) -> dict:
     return out
 
 
+# Config fields that record how a model was last loaded or saved, not what it computes
+# (``save_pretrained`` fills in ``dtype``); the dtype the capture runs in is keyed apart.
+_VOLATILE_CONFIG = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
+
+
+def _config_sha(config) -> str:
+    """sha256 of a model config's JSON without :data:`_VOLATILE_CONFIG` at any depth."""
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()
+                if k not in _VOLATILE_CONFIG}
+
+    return _sha(_json(strip(json.loads(config.to_json_string(use_diff=False)))))
+
+
 def cache_key(vlm: VLM, prompts: Sequence[str], batch_size: int, **capture_kwargs
               ) -> tuple[str, dict]:
     """(settings key, the document it hashes) for a capture of ``vlm`` with ``prompts``."""
@@ -199,7 +213,7 @@ def cache_key(vlm: VLM, prompts: Sequence[str], batch_size: int, **capture_kwarg
         "store_version": STORE_VERSION,
         "model": vlm.name,
         "model_class": type(vlm.model).__name__,
-        "config_sha256": _sha(vlm.model.config.to_json_string(use_diff=False)),
+        "config_sha256": _config_sha(vlm.model.config),
         "weights": model_fingerprint(vlm),
         "dtype": str(vlm.dtype).replace("torch.", ""),
         "device_type": vlm.device.type,

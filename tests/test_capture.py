@@ -85,14 +85,15 @@ def test_llava_checkpoint_dir_in_fp16(tiny_vlm, tmp_path):
 
     from esmc_lens.backend import load_model
 
-    tiny_vlm.model.save_pretrained(tmp_path)
-    tiny_vlm.processor.save_pretrained(tmp_path)
+    src = load_model("tiny")  # save_pretrained edits the config: not the shared fixture
+    src.model.save_pretrained(tmp_path)
+    src.processor.save_pretrained(tmp_path)
     vlm = load_model(str(tmp_path), dtype="float16")
     assert type(vlm.model) is LlavaForConditionalGeneration and vlm.prompt_style == "chat"
     assert vlm.dtype == torch.float16 and not vlm.model.training
     assert vlm.processor.chat_template == tiny_vlm.processor.chat_template
     assert vlm.tokenizer.padding_side == "left"
-    for (name, a), b in zip(tiny_vlm.model.state_dict().items(),
+    for (name, a), b in zip(src.model.state_dict().items(),
                             vlm.model.state_dict().values(), strict=True):
         assert torch.equal(a.half(), b), name
     assert vlm.format_prompt(PROMPTS[0]) == tiny_vlm.format_prompt(PROMPTS[0])

@@ -78,6 +78,12 @@ def test_key_covers_model_prompt_template_options_and_content(tiny_vlm, images, 
     edited = load_model("tiny")
     edited.lm_head.weight.data[3, 5] += 1.0  # a weight edited in place
     assert cache_key(edited, [PROMPT], 3, **OPTIONS)[0] != key
+    saved = load_model("tiny")
+    saved.model.save_pretrained(tmp_path / "tiny")  # sets config.dtype: how, not what
+    assert saved.model.config.dtype is not None
+    assert cache_key(saved, [PROMPT], 3, **OPTIONS)[0] == key
+    saved.model.config.text_config.rms_norm_eps *= 2  # a change of what it computes
+    assert cache_key(saved, [PROMPT], 3, **OPTIONS)[0] != key
     assert cache_key(load_model("tiny", seed=1), [PROMPT], 3, **OPTIONS)[0] != key
     assert cache_key(tiny_vlm.__class__(tiny_vlm.model, tiny_vlm.processor, "tiny",
                                         prompt_style="completion"),
