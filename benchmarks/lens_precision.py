@@ -8,7 +8,8 @@ has no fp32-output variant), so the logits carry 3 significant digits. This scri
 the speed-up and what it does to the numbers Algorithm 1 uses: keyword probabilities, their
 votes at ``tau`` and the top-1 token, on the offline model's real states.
 
-    python benchmarks/lens_precision.py --n-images 4 --threads 1 --json
+    python benchmarks/lens_precision.py --n-images 4 --threads 1 --json \
+        > benchmarks/results/lens-precision-cpu.json
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def main() -> int:
     p.add_argument("--n-images", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tau", type=float, default=0.2)
+    # 0.2 is the paper's; the offline model's colour probabilities on these images stay
+    # far below it (max_keyword_prob), so the default counts votes at one they cross
+    p.add_argument("--tau", type=float, default=0.01)
     p.add_argument("--prompt", default="The color of the object is")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -63,7 +66,8 @@ def main() -> int:
     ref = results["fp32"]
     out = {"model": vlm.name, "cells": int(states.shape[0]), "vocab": vlm.vocab_size,
            "d_model": vlm.d_model, "threads": args.threads, "repeats": args.repeats,
-           "tau": args.tau, "seconds": times, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "tau": args.tau, "max_keyword_prob": float(results["fp32"].keyword_probs.max()),
+           "seconds": times, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "vs_fp32": {}}
     for name in ("bf16", "fp16"):
         r = results[name]
@@ -76,6 +80,8 @@ def main() -> int:
             "keyword_prob_max_rel_err_above_0.01": float((diff[near] / ref.keyword_probs[near])
                                                          .max()) if near.any() else None,
             "top1_agreement": float((r.top_ids[:, 0] == ref.top_ids[:, 0]).float().mean()),
+            "keyword_argmax_agreement": float((r.keyword_probs.argmax(-1)
+                                               == ref.keyword_probs.argmax(-1)).float().mean()),
             "votes_fp32": int(votes_ref.sum()),
             "votes_changed": int((votes != votes_ref).sum()),
         }

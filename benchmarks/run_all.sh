@@ -21,6 +21,8 @@ $PY benchmarks/head_vs_kmeans.py --sizes 16,128,512 --threads 1 --json \
     > benchmarks/results/head-vs-kmeans-cpu.json
 $PY benchmarks/head_fit_loop.py --n-train 5 --epochs 100 --threads 1 --json \
     > benchmarks/results/head-fit-loop-cpu.json
+$PY benchmarks/lens_precision.py --n-images 4 --threads 1 --json \
+    > benchmarks/results/lens-precision-cpu.json
 
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     for model in tiny offline; do
