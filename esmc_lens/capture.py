@@ -39,7 +39,7 @@ from PIL import Image
 from .backend import VLM
 from .cache import ResidualCache, strip_token
 from .errors import ConfigError, ModelError
-from .lens import KeywordTokens, Unembed, keyword_token_ids, readout
+from .lens import KeywordTokens, LensWorkspace, Unembed, keyword_token_ids, readout
 
 ENGINES = ("auto", "hooks", "nnsight")
 LENS_CHUNK_BYTES = 256 << 20  # logits of one lens chunk (fp32), e.g. 1365 x 49152 x 4
@@ -254,6 +254,7 @@ class _Plan:
     engine: str
     remote: bool | str
     lens_chunk: int
+    workspace: LensWorkspace | None = None  # the lens's buffers, reused by every batch
 
 
 def _inputs(images, prompt, image_ids) -> tuple[ImageSource, list[str]]:
@@ -285,7 +286,8 @@ def _plan(vlm, layers, keywords, top_k, vision, engine, remote) -> _Plan:
     kw = keyword_token_ids(vlm.tokenizer, keywords) if keywords else None
     unembed = Unembed.from_model(vlm) if (kw or top_k) else None
     chunk = max(64, LENS_CHUNK_BYTES // (4 * vlm.vocab_size))
-    return _Plan(stream, kw, int(top_k), unembed, bool(vision), engine, remote, chunk)
+    return _Plan(stream, kw, int(top_k), unembed, bool(vision), engine, remote, chunk,
+                 LensWorkspace() if unembed is not None else None)
 
 
 def _meta(vlm, prompts, positions, store_dtype, base: dict, kw=None, formatted=None) -> dict:
@@ -372,7 +374,7 @@ def _capture_prepared(vlm, prep: _Prepared, plan: _Plan, store_dtype) -> Residua
     r = None
     if plan.unembed is not None:
         r = readout(states, plan.unembed, plan.kw.groups if plan.kw else (), plan.top_k,
-                    chunk=plan.lens_chunk)
+                    chunk=plan.lens_chunk, workspace=plan.workspace)
     return ResidualCache(
         states=states.to(store_dtype).cpu(), positions=prep.pos_t,
         tokens=[t + [""] * (width - len(t)) for t in prep.toks],

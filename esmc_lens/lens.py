@@ -63,17 +63,60 @@ class Unembed(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """[..., d_model] -> logits [..., vocab] in ``compute_dtype``."""
+    def forward(self, h: torch.Tensor, workspace: LensWorkspace | None = None) -> torch.Tensor:
+        """[..., d_model] -> logits [..., vocab] in ``compute_dtype``.
+
+        With a ``workspace`` (2-D ``h`` only) the logits are written into its reused buffer,
+        and so is the up-cast copy of an fp16 unembedding; the values are the same.
+        """
         h = h.to(self.device)
-        w_dtype = self.lm_head.weight.dtype
-        if self.compute_dtype is None or self.compute_dtype == w_dtype:
-            return self.lm_head(self.final_norm(h.to(w_dtype)))
+        w, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
+        if self.compute_dtype is None or self.compute_dtype == w.dtype:
+            normed = self.final_norm(h.to(w.dtype))
+            if workspace is None:
+                return self.lm_head(normed)
+        else:
+            with torch.autocast(self.device.type, enabled=False):
+                normed = _float_norm(self.final_norm, h.to(self.compute_dtype))
+            if workspace is None:
+                w = w.to(self.compute_dtype)
+            else:
+                w = workspace.buffer("weight", w.shape, normed.dtype, w.device).copy_(w)
+            bias = None if bias is None else bias.to(self.compute_dtype)
+            if workspace is None:
+                return normed @ w.T + (0 if bias is None else bias)
+        out = workspace.buffer("logits", (normed.shape[0], w.shape[0]), normed.dtype, w.device)
         with torch.autocast(self.device.type, enabled=False):
-            normed = _float_norm(self.final_norm, h.to(self.compute_dtype))
-            return normed @ self.lm_head.weight.to(self.compute_dtype).T + (
-                0 if getattr(self.lm_head, "bias", None) is None
-                else self.lm_head.bias.to(self.compute_dtype))
+            torch.mm(normed, w.T, out=out)
+        return out if bias is None else out.add_(bias.to(out.dtype))
+
+
+class LensWorkspace:
+    """Buffers :func:`readout` reuses from one chunk, and one call, to the next.
+
+    A fresh ``[chunk, vocab]`` fp32 tensor is fresh memory on the CPU, and page-faulting it
+    in cost ~0.18 s per 256 MB here: a quarter of the offline model's lens
+    (``benchmarks/README.md``). :func:`~esmc_lens.capture.capture` keeps one workspace for
+    all its batches. A buffer is reallocated only when a larger or different one is asked
+    for; a workspace is not for use by two threads at once.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: Sequence[int], dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` (its rows a view of the stored buffer)."""
+        rows, *rest = shape
+        buf = self._buffers.get(name)
+        if (buf is None or buf.shape[0] < rows or list(buf.shape[1:]) != rest
+                or buf.dtype != dtype or buf.device != torch.device(device)):
+            buf = self._buffers[name] = torch.empty(rows, *rest, dtype=dtype, device=device)
+        return buf[:rows]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
 def _float_norm(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -102,9 +145,10 @@ def lens_logits(states: torch.Tensor, unembed: Unembed, chunk: int = DEFAULT_CHU
     """
     flat = states.reshape(-1, states.shape[-1])
     out = torch.empty(flat.shape[0], unembed.vocab_size, dtype=torch.float32, device=out_device)
+    ws = LensWorkspace()
     with torch.inference_mode():
         for s, rows in _chunks(flat, chunk):
-            out[s:s + rows.shape[0]] = unembed(rows).float().to(out_device)
+            out[s:s + rows.shape[0]] = unembed(rows, ws).float().to(out_device)
     return out.reshape(*states.shape[:-1], unembed.vocab_size)
 
 
@@ -128,13 +172,16 @@ class LensReadout:
 
 def readout(states: torch.Tensor, unembed: Unembed, keyword_groups: Sequence[Sequence[int]] = (),
             k: int = 0, chunk: int = DEFAULT_CHUNK,
-            out_device: str | torch.device = "cpu") -> LensReadout:
+            out_device: str | torch.device = "cpu",
+            workspace: LensWorkspace | None = None) -> LensReadout:
     """Keyword probabilities and top-k tokens of every cell of ``states`` [..., d_model].
 
     ``keyword_groups[j]`` lists the token ids whose probabilities are summed into keyword j
     (see :func:`keyword_token_ids`). Chunked over cells; only [..., K] and [..., k] leave
-    the device.
+    the device. The logits and probabilities of a chunk live in ``workspace``'s buffers
+    (a new :class:`LensWorkspace` when None; pass one to reuse them across calls).
     """
+    ws = LensWorkspace() if workspace is None else workspace
     lead = states.shape[:-1]
     flat = states.reshape(-1, states.shape[-1])
     n = flat.shape[0]
@@ -147,7 +194,10 @@ def readout(states: torch.Tensor, unembed: Unembed, keyword_groups: Sequence[Seq
         top_p = torch.zeros(n, k, dtype=torch.float32, device=out_device)
     with torch.inference_mode():
         for s, rows in _chunks(flat, chunk):
-            probs = torch.softmax(unembed(rows).float(), dim=-1)
+            logits = unembed(rows, ws).float()
+            probs = torch.softmax(logits, dim=-1,
+                                  out=ws.buffer("probs", logits.shape, logits.dtype,
+                                                logits.device))
             e = s + rows.shape[0]
             if kw is not None:
                 sums = torch.zeros(rows.shape[0], len(keyword_groups), device=probs.device)

@@ -7,6 +7,7 @@ import torch
 
 from esmc_lens.errors import ConfigError
 from esmc_lens.lens import (
+    LensWorkspace,
     Unembed,
     keyword_probs,
     keyword_token_ids,
@@ -44,6 +45,45 @@ def test_readout_equals_full_softmax(tiny_vlm, states):
     _, ti = top_k(states, u, k=3)
     assert torch.equal(ti, i)
     torch.testing.assert_close(keyword_probs(states, u, groups), r.keyword_probs)
+
+
+def test_workspace_reuses_its_buffers_and_changes_no_value(tiny_vlm, states):
+    import copy
+
+    groups = [[5, 9], [11]]
+    half = copy.deepcopy(tiny_vlm.model).half()
+    biased = copy.deepcopy(tiny_vlm.model)
+    head = biased.lm_head
+    biased.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.lm_head.weight.data.copy_(head.weight)
+    biased.lm_head.bias.data.normal_(generator=torch.Generator().manual_seed(1))
+    unembeds = {  # fp32 as is; fp16 up-cast into the workspace; an unembedding with a bias
+        "fp32": Unembed.from_model(tiny_vlm),
+        "fp16": Unembed(half.model.language_model.norm, half.lm_head),
+        "bias": Unembed(biased.model.language_model.norm, biased.lm_head),
+    }
+    for name, u in unembeds.items():
+        ws = LensWorkspace()
+        flat = states.reshape(-1, states.shape[-1])
+        with torch.inference_mode():
+            want = u(flat)  # no workspace: the module's own computation
+            got = u(flat, ws)
+            assert torch.equal(got, want), name
+            ptr = got.data_ptr()
+            assert torch.equal(u(flat[:7], ws), want[:7]), name  # a smaller chunk: same buffer
+            assert u(flat[:7], ws).data_ptr() == ptr
+        fresh = readout(states, u, groups, k=3, chunk=4)
+        for _ in range(2):  # one workspace over several calls, chunks of 4 and a last of 2
+            again = readout(states, u, groups, k=3, chunk=4, workspace=ws)
+            assert torch.equal(again.keyword_probs, fresh.keyword_probs), name
+            assert torch.equal(again.top_ids, fresh.top_ids), name
+            assert torch.equal(again.top_probs, fresh.top_probs), name
+        # allocated once each: logits for the largest request (60 rows), probabilities for
+        # readout's chunk (4 rows), and the fp16 weight's fp32 copy
+        n_vocab = tiny_vlm.vocab_size
+        expected = (60 + 4) * n_vocab * 4 + (n_vocab * tiny_vlm.d_model * 4 if name == "fp16"
+                                             else 0)
+        assert ws.nbytes == expected, name
 
 
 def test_fp16_model_lens_is_computed_in_fp32(tiny_vlm, states):
