@@ -15,6 +15,7 @@ from esmc_lens.lens import (
     lens_probs,
     readout,
     top_k,
+    topk_rows,
 )
 
 
@@ -159,3 +160,28 @@ def test_keyword_rule_drops_short_first_pieces():
     assert words[3] == [" Hy", " hy", "Hy", "hy"]  # no long piece: its longest ones
     assert kt.multi_token == ["carnation", "hyacinth"]
     assert kt.clashes == {}
+
+
+@pytest.mark.parametrize("width", [49152, 32064, 1000, 130, 7])
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_topk_rows_equals_torch_topk(width, k):
+    g = torch.Generator().manual_seed(width + k)
+    x = torch.randn(40, width, generator=g)
+    if width >= 32064:  # adversarial rows: all top entries in one block; one per block
+        x[0, 128:128 + k] += 100
+        x[1, torch.arange(k) * 128 + 3] += 100
+        x[2, -k:] += 100  # in the last, partial block
+    k = min(k, width)
+    want = x.topk(k, dim=-1)
+    got = topk_rows(x, k)
+    assert torch.equal(got[0], want.values) and torch.equal(got[1], want.indices)
+
+
+def test_topk_rows_with_ties_returns_the_right_values():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (30, 4096), generator=g).float()  # thousands of ties
+    x[0] = 1.0  # a constant row
+    values, ids = topk_rows(x, 5)
+    assert torch.equal(values, x.topk(5, dim=-1).values)
+    assert torch.equal(x.gather(1, ids), values)
+    assert all(len(set(row.tolist())) == 5 for row in ids)
