@@ -21,8 +21,11 @@ $PY benchmarks/head_vs_kmeans.py --sizes 16,128,512 --threads 1 --json \
     > benchmarks/results/head-vs-kmeans-cpu.json
 $PY benchmarks/head_fit_loop.py --n-train 5 --epochs 100 --threads 1 --json \
     > benchmarks/results/head-fit-loop-cpu.json
+$PY -m esmc_lens.cli bench --model offline --n-images 16 --batch-size 8 --n-naive 4 \
+    --threads 2 --repeats 2 --out benchmarks/results/offline-cpu-2threads.json
 $PY benchmarks/lens_precision.py --n-images 4 --threads 1 --json \
     > benchmarks/results/lens-precision-cpu.json
+$PY benchmarks/lens_parts.py --threads 1 --json > benchmarks/results/lens-parts-cpu.json
 
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     for model in tiny offline; do
