@@ -66,8 +66,9 @@ class Unembed(nn.Module):
     def forward(self, h: torch.Tensor, workspace: LensWorkspace | None = None) -> torch.Tensor:
         """[..., d_model] -> logits [..., vocab] in ``compute_dtype``.
 
-        With a ``workspace`` (2-D ``h`` only) the logits are written into its reused buffer,
-        and so is the up-cast copy of an fp16 unembedding; the values are the same.
+        With a ``workspace`` the logits are written into its reused buffer (and so is the
+        up-cast copy of an fp16 unembedding; the values are the same): the result is a view
+        of that buffer, valid until the workspace is used again.
         """
         h = h.to(self.device)
         w, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
@@ -85,10 +86,13 @@ class Unembed(nn.Module):
             bias = None if bias is None else bias.to(self.compute_dtype)
             if workspace is None:
                 return normed @ w.T + (0 if bias is None else bias)
-        out = workspace.buffer("logits", (normed.shape[0], w.shape[0]), normed.dtype, w.device)
+        rows = normed.reshape(-1, normed.shape[-1])
+        out = workspace.buffer("logits", (rows.shape[0], w.shape[0]), normed.dtype, w.device)
         with torch.autocast(self.device.type, enabled=False):
-            torch.mm(normed, w.T, out=out)
-        return out if bias is None else out.add_(bias.to(out.dtype))
+            torch.mm(rows, w.T, out=out)
+        if bias is not None:
+            out.add_(bias.to(out.dtype))
+        return out.view(*normed.shape[:-1], w.shape[0])
 
 
 class LensWorkspace:

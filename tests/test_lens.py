@@ -73,6 +73,7 @@ def test_workspace_reuses_its_buffers_and_changes_no_value(tiny_vlm, states):
             ptr = got.data_ptr()
             assert torch.equal(u(flat[:7], ws), want[:7]), name  # a smaller chunk: same buffer
             assert u(flat[:7], ws).data_ptr() == ptr
+            assert torch.equal(u(states, ws), want.reshape(*states.shape[:-1], -1)), name
         fresh = readout(states, u, groups, k=3, chunk=4)
         for _ in range(2):  # one workspace over several calls, chunks of 4 and a last of 2
             again = readout(states, u, groups, k=3, chunk=4, workspace=ws)
