@@ -79,14 +79,11 @@ class Unembed(nn.Module):
         else:
             with torch.autocast(self.device.type, enabled=False):
                 normed = _float_norm(self.final_norm, h.to(self.compute_dtype))
-            if workspace is None:
-                w = w.to(self.compute_dtype)
-            else:
-                w = workspace.buffer("weight", w.shape, normed.dtype, w.device).copy_(w)
-            bias = None if bias is None else bias.to(self.compute_dtype)
-            if workspace is None:
-                return normed @ w.T + (0 if bias is None else bias)
-        rows = normed.reshape(-1, normed.shape[-1])
+            if workspace is None:  # fresh tensors: autograd may run through them
+                logits = normed @ w.to(normed.dtype).T
+                return logits if bias is None else logits + bias.to(logits.dtype)
+            w = workspace.buffer("weight", w.shape, normed.dtype, w.device).copy_(w)
+        rows = normed.reshape(-1, normed.shape[-1])  # torch.mm(out=) needs 2-D, no autograd
         out = workspace.buffer("logits", (rows.shape[0], w.shape[0]), normed.dtype, w.device)
         with torch.autocast(self.device.type, enabled=False):
             torch.mm(rows, w.T, out=out)
