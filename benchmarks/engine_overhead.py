@@ -29,9 +29,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import numpy as np
 
-    from esmc_lens.backend import load_model
-    from esmc_lens.capture import _capture_prepared, _plan, _prepare
-    from esmc_lens.synthetic import OBJECT_COLORS, _render
+    from esmc_lens.data.synthetic import OBJECT_COLORS, _render
+    from esmc_lens.models.vlm import load_model
+    from esmc_lens.residual.capture import _capture_prepared, _plan, _prepare
 
     extra = {"n_layers": args.layers} if args.model == "tiny" and args.layers else {}
     vlm = load_model(args.model, **extra)

@@ -39,7 +39,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from sklearn.cluster import KMeans
 
-    from esmc_lens.head import PseudoLabelHead
+    from esmc_lens.cluster.head import PseudoLabelHead
 
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:

@@ -1,5 +1,5 @@
 """Where the lens's time goes, per image: the matrix product, softmax, top-k, and the cost
-of fresh buffers against reused ones (``esmc_lens.lens.LensWorkspace``).
+of fresh buffers against reused ones (``esmc_lens.lens.unembed.LensWorkspace``).
 
 Shapes are the offline model's (d_model 576, vocabulary 49152, 651 cells per image: 31
 stream indices x 21 prompt positions); the values are random, which does not change the
@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from esmc_lens.lens import topk_rows
+    from esmc_lens.lens.readout import topk_rows
 
     g = torch.Generator().manual_seed(0)
     rows = args.cells_per_image * args.images

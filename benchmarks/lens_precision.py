@@ -38,10 +38,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import numpy as np
 
-    from esmc_lens.backend import load_model
-    from esmc_lens.capture import capture
-    from esmc_lens.lens import Unembed, keyword_token_ids, readout
-    from esmc_lens.synthetic import OBJECT_COLORS, _render
+    from esmc_lens.data.synthetic import OBJECT_COLORS, _render
+    from esmc_lens.lens.keyword_rule import keyword_token_ids
+    from esmc_lens.lens.readout import readout
+    from esmc_lens.lens.unembed import Unembed
+    from esmc_lens.models.vlm import load_model
+    from esmc_lens.residual.capture import capture
 
     vlm = load_model(args.model)
     rng = np.random.default_rng(0)

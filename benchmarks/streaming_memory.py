@@ -21,10 +21,10 @@ import json, sys, time, torch
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
 from pathlib import Path
-from esmc_lens.backend import load_model
-from esmc_lens.bench import PeakMemory, make_images
-from esmc_lens.capture import capture
-from esmc_lens.distributed import capture_to_disk
+from esmc_lens.models.vlm import load_model
+from esmc_lens.apps.bench import PeakMemory, make_images
+from esmc_lens.residual.capture import capture
+from esmc_lens.residual.distributed import capture_to_disk
 vlm = load_model(spec["model"])
 paths = make_images(spec["images_dir"], spec["n"], spec["image_size"])
 opts = dict(keywords=["red", "green", "blue"], top_k=5, batch_size=spec["batch_size"])

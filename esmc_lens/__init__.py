@@ -7,15 +7,18 @@ The data flows one way: images -> :func:`capture` (:class:`ResidualCache`) -> th
 
 __version__ = "0.1.0"
 
-from .backend import VLM, load_model
-from .cache import ResidualCache
-from .capture import capture
-from .data import ImageDataset, load_dataset
-from .head import PseudoLabelHead
-from .lens import Unembed, keyword_probs, keyword_token_ids, lens_logits, top_k
-from .localize import Localization, localize
-from .pipeline import EsmcResult, run_esmc
-from .synthetic import make_synthetic_dataset
+from .cluster.head import PseudoLabelHead
+from .data.dataset import ImageDataset, load_dataset
+from .data.synthetic import make_synthetic_dataset
+from .lens.keyword_rule import keyword_token_ids
+from .lens.readout import keyword_probs, top_k
+from .lens.unembed import Unembed, lens_logits
+from .localization.votes import Localization, localize
+from .models.vlm import VLM, load_model
+from .pipeline import run_esmc
+from .report.result import EsmcResult
+from .residual.cache import ResidualCache
+from .residual.capture import capture
 
 __all__ = [
     "VLM",

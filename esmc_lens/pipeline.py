@@ -18,17 +18,14 @@ Two passes over the model, as the paper's section 3.1 intends:
 The target embedding (``space``: lens probabilities, ``"probs"``, by default: the paper's
 vocabulary space, |V| dimensions, "after applying the softmax function to embedding
 logits" as its section 4.3 reads; ``"logits"`` and ``"hidden"`` are available) is
-clustered by :class:`~esmc_lens.head.PseudoLabelHead` (Algorithm 2). Scores of every method
+clustered by :class:`~esmc_lens.cluster.head.PseudoLabelHead` (Algorithm 2). Scores of every method
 are the mean and std over ``n_seeds`` seeds; ``labels`` are those of ``seed``.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import warnings
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -36,129 +33,29 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .backend import VLM
-from .baselines import head_scores, kmeans_scores, output_baseline, score_table, vision_baseline
-from .capture import ImageSource, capture
+from .cluster.baselines import (
+    head_scores,
+    kmeans_scores,
+    output_baseline,
+    score_table,
+    vision_baseline,
+)
+from .data.dataset import ImageDataset
+from .data.source import ImageSource
 from .errors import ConfigError, EsmcWarning
-from .keywords import Keywords, class_name_keywords, default_question, lm_keywords, user_keywords
-from .lens import Unembed, keyword_token_ids
-from .localize import Localization, localize
-from .naming import name_clusters, naming_accuracy
-from .targets import target_embeddings, target_labels
+from .lens.keyword_rule import keyword_token_ids
+from .lens.unembed import Unembed
+from .localization.keywords import choose_keywords
+from .localization.targets import target_embeddings, target_labels
+from .localization.votes import localize
+from .models.vlm import VLM
+from .report.naming import name_clusters
+from .report.result import EsmcResult
+from .residual.capture import capture
 from .validate import check_finite, check_run, keyword_notes
-
-_PROMPT_RE = re.compile(r"(?:the\s+)?(\w+)\s+of\s+(?:the|this|a|an)\s+(\w+)", re.IGNORECASE)
-
-
-def question_for_prompt(prompt: str) -> str | None:
-    """The keyword question for a criterion prompt ("The color of the flower is" ->
-    "What are common colors of flowers? ..."), or None when the prompt has no
-    "<criterion> of the <object>" phrase."""
-    m = _PROMPT_RE.search(prompt)
-    return default_question(m.group(1).lower(), m.group(2).lower()) if m else None
-
-
-@dataclass
-class EsmcResult:
-    """Everything one ESMC run produced (see :func:`run_esmc`)."""
-
-    model: str
-    criterion: str | None
-    prompt: str
-    image_ids: list[str]
-    labels: np.ndarray  # [n_images] cluster of each image (seed ``seed``)
-    clusters: pd.DataFrame  # one row per cluster: name, size, top tokens, purity
-    scores: pd.DataFrame  # method x metric mean/std (empty without labels)
-    per_seed: dict[str, pd.DataFrame]  # method -> per-seed scores
-    target: list[tuple[int, int]]  # (stream index, slot)
-    target_labels: list[str]
-    space: str
-    keywords: Keywords
-    localization: Localization
-    y_true: np.ndarray | None = None
-    class_names: list[str] | None = None
-    answers: list[str] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def n_images(self) -> int:
-        return len(self.image_ids)
-
-    def assignments(self) -> pd.DataFrame:
-        """image, cluster, cluster name and (when known) true label, one row per image."""
-        names = dict(zip(self.clusters["cluster"], self.clusters["name"], strict=True))
-        df = pd.DataFrame({"image": self.image_ids, "cluster": self.labels,
-                           "cluster_name": [names.get(c, "") for c in self.labels]})
-        if self.y_true is not None and self.class_names is not None:
-            df["true_label"] = [self.class_names[y] if y >= 0 else "" for y in self.y_true]
-        return df
-
-    def to_json(self) -> dict:
-        def block(method: str) -> dict:
-            row = self.scores.loc[method]
-            return {m: float(row[f"{m}_mean"]) for m in ("nmi", "ri", "ari", "acc")} | {
-                f"{m}_std": float(row[f"{m}_std"]) for m in ("nmi", "ri", "ari", "acc")}
-
-        has = not self.scores.empty
-        return {
-            "model": self.model, "criterion": self.criterion, "prompt": self.prompt,
-            "n_images": self.n_images, "target": [list(t) for t in self.target],
-            "target_labels": self.target_labels, "space": self.space,
-            "scores": block("ESMC") if has else None,
-            "baselines": {m: block(m) for m in self.scores.index if m != "ESMC"} if has else {},
-            "clusters": json.loads(self.clusters.to_json(orient="records")),
-            "naming_accuracy": (naming_accuracy(self.clusters)
-                                if "majority_label" in self.clusters else None),
-            "keywords": self.keywords.to_frame().to_dict(orient="records"),
-            "localization": {"max_votes": int(self.localization.max_votes),
-                             "n_pairs": int(self.localization.n_pairs),
-                             "tau": self.localization.tau,
-                             "sample": list(self.image_ids[i] for i in self.settings.get(
-                                 "localization_sample", [])),
-                             "message": self.localization.message},
-            "timings_s": self.timings, "settings": self.settings, "meta": self.meta,
-        }
-
-    def save(self, outdir: str | Path) -> Path:
-        """``results.json``, ``assignments.csv``, ``scores.csv``, ``votes.csv``, per-seed
-        scores, and ``result.pkl`` (the whole object, for :meth:`load`)."""
-        import os
-        import pickle
-
-        out = Path(outdir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "result.pkl.part"
-        tmp.write_bytes(pickle.dumps(self))
-        os.replace(tmp, out / "result.pkl")
-        (out / "results.json").write_text(json.dumps(self.to_json(), indent=1, default=str))
-        self.assignments().to_csv(out / "assignments.csv", index=False)
-        self.scores.to_csv(out / "scores.csv")
-        self.localization.votes.to_csv(out / "votes.csv")
-        for method, df in self.per_seed.items():
-            df.to_csv(out / f"per_seed_{re.sub(r'[^A-Za-z0-9]+', '_', method)}.csv")
-        return out
-
-    @classmethod
-    def load(cls, outdir: str | Path) -> EsmcResult:
-        """The result saved by :meth:`save` (a pickle: load only folders you trust)."""
-        import pickle
-
-        obj = pickle.loads((Path(outdir) / "result.pkl").read_bytes())
-        if not isinstance(obj, cls):
-            raise ConfigError(f"{outdir}/result.pkl does not hold an EsmcResult")
-        return obj
-
-    @staticmethod
-    def load_json(outdir: str | Path) -> dict:
-        """The saved ``results.json`` of a run (plain data)."""
-        return json.loads((Path(outdir) / "results.json").read_text())
 
 
 def _labels_for(images, criterion: str | None, y_true, class_names):
-    from .data import ImageDataset
-
     if y_true is not None:
         return np.asarray(y_true), class_names
     if isinstance(images, ImageDataset) and criterion is not None:
@@ -169,32 +66,11 @@ def _labels_for(images, criterion: str | None, y_true, class_names):
     return None, class_names
 
 
-def choose_keywords(vlm: VLM, prompt: str, keywords=None, images=None,
-                    criterion: str | None = None, source: str = "auto") -> Keywords:
-    """Keywords for localization: the user's, the local LM's, or the class names.
-
-    ``source="auto"``: the user's list if given, else the LM's answer to the question built
-    from the prompt, falling back to the dataset's class names.
-    """
-    if keywords is not None and source in ("auto", "user"):
-        return keywords if isinstance(keywords, Keywords) else user_keywords(keywords)
-    if source in ("auto", "lm"):
-        q = question_for_prompt(prompt)
-        if q is not None:
-            kw = lm_keywords(vlm, q)
-            if len(kw.words) >= 2 or source == "lm":
-                return kw
-    if source in ("auto", "class_names") and criterion is not None:
-        return class_name_keywords(images, criterion)
-    raise ConfigError(f"no keywords for prompt {prompt!r}: pass keywords=[...] (e.g. "
-                      "--keywords red,white,pink) or a dataset criterion with class names")
-
-
 def capture_fn(cache_dir: str | Path | None):
-    """:func:`~esmc_lens.capture.capture`, or its disk-cached form when ``cache_dir`` is set."""
+    """:func:`~esmc_lens.residual.capture.capture`, or its disk-cached form if ``cache_dir``."""
     if cache_dir is None:
         return capture
-    from .store import cached_capture
+    from .residual.store import cached_capture
 
     return partial(cached_capture, cache_dir=cache_dir)
 
@@ -205,7 +81,8 @@ def capture_target_cells(vlm: VLM, images, prompt: str, positions: list[int],
     """Every image at the target cells only: :func:`run_esmc`'s second capture.
 
     ``positions`` are sequence positions, ``layers`` stream indices; states are kept in fp32.
-    Anything that recaptures a run's targets (e.g. :func:`esmc_lens.diagnose.readout_for_run`)
+    Anything that recaptures a run's targets (e.g.
+    :func:`esmc_lens.report.diagnose.readout_for_run`)
     goes through here, so with the run's ``cache_dir`` its batches are read back, not
     recomputed.
     """
@@ -241,10 +118,10 @@ def run_esmc(
 ) -> EsmcResult:
     """Run ESMC on ``images`` for the criterion ``prompt`` (see the module docstring).
 
-    ``images``: an :class:`~esmc_lens.data.ImageDataset` (labels from ``criterion``),
+    ``images``: an :class:`~esmc_lens.data.dataset.ImageDataset` (labels from ``criterion``),
     PIL images or paths (labels from ``y_true`` if any). ``n_clusters`` defaults to the
     number of classes when labels exist. ``cache_dir``: keep both captures on disk there
-    (:func:`~esmc_lens.store.cached_capture`), so an interrupted run resumes.
+    (:func:`~esmc_lens.residual.store.cached_capture`), so an interrupted run resumes.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()

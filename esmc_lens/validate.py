@@ -35,7 +35,6 @@ __all__ = [
     "check_settings",
     "check_writable_dir",
     "dataset_notes",
-    "image_problem",
     "keyword_notes",
 ]
 
@@ -204,47 +203,12 @@ def dataset_notes(dataset, criterion: str | None = None,
     return notes
 
 
-def image_problem(path: str | os.PathLike) -> str | None:
-    """Why an image file cannot be used, or None. Cheaper than decoding every file.
-
-    ``PIL.Image.verify`` checks headers (and PNG chunk checksums) but not JPEG scan data,
-    so a truncated JPEG passes it and fails hours later in the middle of a capture. Here a
-    JPEG must also end with its end-of-image marker (within the last 4 KiB, so trailers
-    are allowed), else it is decoded fully; formats other than PNG and JPEG (whose
-    ``verify`` checks little) are always decoded fully.
-    """
-    from PIL import Image
-
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            return "unreadable image (empty file: 0 bytes)"
-        with Image.open(path) as im:
-            fmt = im.format
-            im.verify()
-        if fmt == "PNG":
-            return None
-        if fmt in ("JPEG", "MPO"):
-            with open(path, "rb") as f:
-                f.seek(max(0, path.stat().st_size - 4096))
-                if b"\xff\xd9" in f.read():
-                    return None
-        with Image.open(path) as im:  # verify() leaves the file unusable: reopen
-            im.load()
-    except Image.DecompressionBombError as exc:
-        return f"image too large (decompression bomb guard): {exc}"
-    except (OSError, SyntaxError, ValueError) as exc:
-        return f"unreadable image ({type(exc).__name__}: {exc})"
-    return None
-
-
-
 def check_run(vlm, images, prompt: str, *, criterion: str | None = None,
               n_images: int | None = None, **settings) -> None:
     """Everything :func:`~esmc_lens.pipeline.run_esmc` can check before touching the model:
     the prompt, the criterion of a dataset (exists, >= 2 classes) and ``settings`` (see
     :func:`check_settings`)."""
-    from .data import ImageDataset
+    from .data.dataset import ImageDataset
 
     token = getattr(getattr(vlm, "processor", None), "image_token", None) or "<image>"
     check_prompt(prompt, token)

@@ -17,14 +17,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny_vlm():
-    from esmc_lens.backend import load_model
+    from esmc_lens.models.vlm import load_model
 
     return load_model("tiny")
 
 
 @pytest.fixture(scope="session")
 def offline_vlm():
-    from esmc_lens.backend import load_model
+    from esmc_lens.models.vlm import load_model
 
     return load_model("offline")
 

@@ -1,7 +1,7 @@
 """Every kind of bad input gets a clear answer (docs/errors.md has the table).
 
 API: a specific exception type whose message names the bad thing and the fix, or a reported
-skip / an ``EsmcWarning``. CLI (``esmc_lens.cli.main``): exit code 2 and one line
+skip / an ``EsmcWarning``. CLI (``esmc_lens.apps.cli.main``): exit code 2 and one line
 ``esmc-lens: error: ...`` on stderr, never a traceback.
 """
 
@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 
 from esmc_lens import pipeline
-from esmc_lens.backend import load_model
-from esmc_lens.capture import capture
-from esmc_lens.cli import main
-from esmc_lens.data import load_dataset, open_rgb
+from esmc_lens.apps.cli import main
+from esmc_lens.data.dataset import load_dataset
+from esmc_lens.data.images import open_rgb
+from esmc_lens.data.synthetic import make_synthetic_dataset
 from esmc_lens.errors import (
     CaptureError,
     ConfigError,
@@ -35,9 +35,10 @@ from esmc_lens.errors import (
     ImageError,
     ModelError,
 )
+from esmc_lens.models.vlm import load_model
 from esmc_lens.pipeline import run_esmc
-from esmc_lens.store import cached_capture
-from esmc_lens.synthetic import make_synthetic_dataset
+from esmc_lens.residual.capture import capture
+from esmc_lens.residual.store import cached_capture
 from esmc_lens.validate import check_finite, dataset_notes, keyword_notes
 
 PROMPT = "The color of the object is"
@@ -522,7 +523,7 @@ def test_gpu_out_of_memory_on_the_cli(tmp_path, capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("esmc_lens.backend.load_model", oom)
+    monkeypatch.setattr("esmc_lens.models.vlm.load_model", oom)
     line = cli_error(capsys, "lens", "--model", "tiny", "--image", png(tmp_path / "a.png"),
                      "--prompt", PROMPT)
     assert "out of GPU memory: lower --batch-size" in line
@@ -588,7 +589,7 @@ def test_nan_or_inf_features(synth, synth_ds, tmp_path, capsys, monkeypatch):
     with pytest.raises(ConfigError, match=r"lens keyword probabilities of 4 of 4 images are "
                                           r"NaN or infinite \(img_.*--dtype float32"):
         fast_run(vlm, synth_ds)
-    monkeypatch.setattr("esmc_lens.backend.load_model", lambda *a, **k: vlm)
+    monkeypatch.setattr("esmc_lens.models.vlm.load_model", lambda *a, **k: vlm)
     line = cli_error(capsys, *run_args(synth, tmp_path / "out"))
     assert "NaN or infinite" in line and "--dtype float32" in line
     # a model that is fine on the sampled images but not on some others

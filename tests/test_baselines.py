@@ -1,4 +1,4 @@
-"""Tests of esmc_lens.baselines (k-means / head / Output / vision baselines and tables)."""
+"""Tests of esmc_lens.cluster.baselines (k-means / head / Output / vision baselines and tables)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.datasets import make_blobs
 
-from esmc_lens.baselines import (
+from esmc_lens.cluster.baselines import (
     embed_answers,
     format_mean_std,
     head_scores,
@@ -19,8 +19,8 @@ from esmc_lens.baselines import (
     summarize,
     vision_baseline,
 )
+from esmc_lens.cluster.metrics import clustering_scores
 from esmc_lens.errors import ConfigError
-from esmc_lens.metrics import clustering_scores
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def blobs():
 
 @pytest.fixture(scope="module")
 def minilm():
-    from esmc_lens.text_encoder import MiniLMEncoder
+    from esmc_lens.models.text_encoder import MiniLMEncoder
 
     return MiniLMEncoder()
 

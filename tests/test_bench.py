@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import SOLID_COLOURS, solid
 
-from esmc_lens.bench import PeakMemory, cache_bytes, make_images, run_bench
-from esmc_lens.capture import auto_batch_size, capture, estimate_batch_bytes, iter_capture
+from esmc_lens.apps.bench import PeakMemory, cache_bytes, make_images, run_bench
 from esmc_lens.errors import ConfigError
+from esmc_lens.residual.capture import auto_batch_size, capture, estimate_batch_bytes, iter_capture
 
 PROMPTS = ["The color of the flower is", "Describe the image.", "The shape of the object is",
            "What color is it?", "The color of the flower is"]
@@ -137,7 +137,7 @@ def test_bench_report_definitions(tiny_vlm, tmp_path):
 
 
 def test_cli_bench_json(capsys, tmp_path):
-    from esmc_lens.cli import main
+    from esmc_lens.apps.cli import main
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny", "--n-images", "4", "--batch-size", "2",
@@ -159,7 +159,7 @@ def test_head_fit_loop_is_bit_identical_to_the_autograd_loop(batch_size):
     from sklearn.utils import check_random_state
     from torch import nn
 
-    from esmc_lens.head import PseudoLabelHead, _init_linear
+    from esmc_lens.cluster.head import PseudoLabelHead, _init_linear
 
     rng = np.random.default_rng(0)
     X = (rng.normal(size=(60, 300)) + np.repeat(np.eye(3, 300) * 4, 20, 0)).astype(np.float32)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import SOLID_COLOURS, solid
 
-from esmc_lens.cache import ResidualCache
-from esmc_lens.capture import capture, resolve_positions
 from esmc_lens.errors import ConfigError
-from esmc_lens.lens import Unembed, lens_logits
+from esmc_lens.lens.unembed import Unembed, lens_logits
+from esmc_lens.residual.cache import ResidualCache
+from esmc_lens.residual.capture import capture, resolve_positions
 
 PROMPTS = [
     "The color of the flower is",
@@ -83,7 +83,7 @@ def test_llava_checkpoint_dir_in_fp16(tiny_vlm, tmp_path):
     directory (as from the hub), in fp16, captured bit for bit."""
     from transformers import LlavaForConditionalGeneration
 
-    from esmc_lens.backend import load_model
+    from esmc_lens.models.vlm import load_model
 
     src = load_model("tiny")  # save_pretrained edits the config: not the shared fixture
     src.model.save_pretrained(tmp_path)
@@ -208,7 +208,7 @@ def test_capture_readouts_match_lens_of_states(tiny_vlm):
     top_p, top_i = probs.topk(4, dim=-1)
     assert torch.equal(cache.top_ids, top_i)
     torch.testing.assert_close(cache.top_probs, top_p, rtol=1e-5, atol=1e-6)
-    from esmc_lens.lens import keyword_token_ids
+    from esmc_lens.lens.keyword_rule import keyword_token_ids
 
     ids = keyword_token_ids(tiny_vlm.tokenizer, ["red"]).groups[0]
     torch.testing.assert_close(cache.keyword_probs[..., 0], probs[..., ids].sum(-1),

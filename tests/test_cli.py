@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from conftest import solid
 
-from esmc_lens.cli import main
-from esmc_lens.metrics import accuracy, nmi
-from esmc_lens.synthetic import make_synthetic_dataset
+from esmc_lens.apps.cli import main
+from esmc_lens.cluster.metrics import accuracy, nmi
+from esmc_lens.data.synthetic import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

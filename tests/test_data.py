@@ -1,4 +1,4 @@
-"""Tests of esmc_lens.data: ESMC-layout loading, label joins, image modes, error paths."""
+"""Tests of esmc_lens.data.dataset: ESMC-layout loading, label joins, image modes, error paths."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from esmc_lens import data as data_mod
-from esmc_lens.data import ImageDataset, load_dataset, to_rgb
+from esmc_lens.data import dataset as data_mod
+from esmc_lens.data.dataset import ImageDataset, load_dataset
+from esmc_lens.data.images import to_rgb
 from esmc_lens.errors import DataError, EsmcError, ImageError
 
 FLOWER = Path(__file__).resolve().parents[2] / "shared/data/esmc/flower"

@@ -1,12 +1,12 @@
-"""esmc_lens.diagnose: the lens's own reading of the target, scored against the labels."""
+"""esmc_lens.report.diagnose: the lens's own reading of the target, scored against the labels."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from esmc_lens.diagnose import lens_readout
-from esmc_lens.metrics import nmi
+from esmc_lens.cluster.metrics import nmi
+from esmc_lens.report.diagnose import lens_readout
 
 WORDS = ["red", "pink", "white", "a", "the"]
 
@@ -60,11 +60,11 @@ def test_readout_from_logits_equals_readout_from_probs():
 def test_readout_for_run_reads_the_runs_capture_cache(tiny_vlm, tmp_path, monkeypatch):
     import functools
 
-    import esmc_lens.store as store_module
-    from esmc_lens.data import load_dataset
-    from esmc_lens.diagnose import readout_for_run
+    import esmc_lens.residual.store as store_module
+    from esmc_lens.data.dataset import load_dataset
+    from esmc_lens.data.synthetic import SYNTHETIC_PROMPTS, make_synthetic_dataset
     from esmc_lens.pipeline import run_esmc
-    from esmc_lens.synthetic import SYNTHETIC_PROMPTS, make_synthetic_dataset
+    from esmc_lens.report.diagnose import readout_for_run
 
     ds = load_dataset(make_synthetic_dataset(tmp_path / "d", n_images=8, seed=3))
     cache_dir = tmp_path / "captures"

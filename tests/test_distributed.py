@@ -15,9 +15,10 @@ import torch
 from conftest import assert_same_cache
 from PIL import Image
 
-from esmc_lens.cache import ResidualCache
-from esmc_lens.capture import capture
-from esmc_lens.distributed import (
+from esmc_lens.errors import ConfigError
+from esmc_lens.residual.cache import ResidualCache
+from esmc_lens.residual.capture import capture
+from esmc_lens.residual.distributed import (
     capture_sharded,
     capture_to_disk,
     dist_env,
@@ -25,8 +26,7 @@ from esmc_lens.distributed import (
     merge_capture,
     shard_batches,
 )
-from esmc_lens.errors import ConfigError
-from esmc_lens.store import cached_capture
+from esmc_lens.residual.store import cached_capture
 
 PROMPT = "The color of the object is"
 OPTIONS = {"keywords": ["red", "blue"], "top_k": 3, "vision": True,
@@ -97,11 +97,11 @@ def test_streamed_halves_merge_to_the_single_process_capture(tiny_vlm, tmp_path)
 
 def test_streaming_keeps_only_one_batch(tiny_vlm, tmp_path, monkeypatch):
     """capture_to_disk never holds more than one batch's cache (memory flat in N)."""
-    import esmc_lens.store as store
+    import esmc_lens.residual.store as store
 
     paths = write_images(tmp_path / "imgs", 6)
     saved, alive = [], []
-    real_save = store._save_shard
+    real_save = store.save_shard
 
     def spy(part, path, root):
         import weakref
@@ -110,7 +110,7 @@ def test_streaming_keeps_only_one_batch(tiny_vlm, tmp_path, monkeypatch):
         saved.append(sum(r() is not None for r in alive))
         real_save(part, path, root)
 
-    monkeypatch.setattr(store, "_save_shard", spy)
+    monkeypatch.setattr(store, "save_shard", spy)
     capture_to_disk(tiny_vlm, paths, PROMPT, tmp_path / "s", batch_size=2, progress=False,
                     prefetch=False)
     assert len(saved) == 3 and max(saved) == 1  # earlier batches were freed
@@ -125,7 +125,7 @@ def test_capture_sharded_single_process_and_bad_merge(tiny_vlm, tmp_path):
     assert summary["world_size"] == 1 and summary["ranks"][0]["computed"] == 3
     assert_same_cache(cache, capture(tiny_vlm, paths, PROMPT, batch_size=2, progress=False,
                                **OPTIONS))
-    from esmc_lens.distributed import DistEnv
+    from esmc_lens.residual.distributed import DistEnv
 
     fake = DistEnv(rank=1, world_size=2, local_rank=1, backend=None,
                    device=torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""Tests for esmc_lens.efficientnet (EfficientNet-Lite0 with real ImageNet weights)."""
+"""Tests for esmc_lens.models.efficientnet (EfficientNet-Lite0 with real ImageNet weights)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from esmc_lens import weights
-from esmc_lens.efficientnet import (
+from esmc_lens.models import weights
+from esmc_lens.models.efficientnet import (
     EfficientNetLite0,
     imagenet_class_names,
     load_efficientnet_lite0,

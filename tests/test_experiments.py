@@ -1,4 +1,4 @@
-"""The notebooks' library logic (esmc_lens.experiments, paper_numbers, notebook figures)."""
+"""The notebooks' library logic (esmc_lens.apps.workbench, paper_numbers, notebook figures)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esmc_lens import experiments as E
-from esmc_lens import plotting as P
-from esmc_lens.baselines import kmeans_scores
-from esmc_lens.lens import Unembed, keyword_probs, keyword_token_ids
-from esmc_lens.paper_numbers import (
+from esmc_lens.apps import workbench as E
+from esmc_lens.cluster.baselines import kmeans_scores
+from esmc_lens.lens.keyword_rule import keyword_token_ids
+from esmc_lens.lens.readout import keyword_probs
+from esmc_lens.lens.unembed import Unembed
+from esmc_lens.report import plotting as P
+from esmc_lens.report.paper_numbers import (
     PAPER_MODEL,
     PAPER_PROMPT_VARIANTS,
     paper_row,

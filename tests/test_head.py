@@ -1,4 +1,4 @@
-"""Tests of esmc_lens.head.PseudoLabelHead (ESMC Algorithm 2, without label leakage)."""
+"""Tests of esmc_lens.cluster.head.PseudoLabelHead (ESMC Algorithm 2, without label leakage)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from esmc_lens.head import PseudoLabelHead, select_pseudo_labels
+from esmc_lens.cluster.head import PseudoLabelHead, select_pseudo_labels
 
 # sklearn's generic checks force n_clusters=1 in these four; a one-cluster head is
 # meaningless (constant argmax) and PseudoLabelHead rejects n_clusters < 2 by design.

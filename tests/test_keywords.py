@@ -1,4 +1,4 @@
-"""Tests of esmc_lens.keywords: parsing LM answers, sources, merging, text-only LM questions."""
+"""esmc_lens.localization.keywords: parsing LM answers, sources, merging, text-only questions."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from esmc_lens.errors import ConfigError
-from esmc_lens.keywords import (
+from esmc_lens.localization.keywords import (
     Keywords,
     class_name_keywords,
     default_question,
@@ -100,8 +100,8 @@ def test_keywords_validation() -> None:
 
 
 def test_class_name_keywords_from_dataset(tmp_path) -> None:
-    from esmc_lens.data import load_dataset
-    from esmc_lens.synthetic import make_synthetic_dataset
+    from esmc_lens.data.dataset import load_dataset
+    from esmc_lens.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "syn", n_images=8, seed=0)
     ds = load_dataset(root)
@@ -133,7 +133,7 @@ def test_lm_keywords_tiny_runs_text_only(tiny_vlm) -> None:
 def test_keywords_object_feeds_capture(tiny_vlm) -> None:
     from conftest import solid
 
-    from esmc_lens.capture import capture
+    from esmc_lens.residual.capture import capture
 
     kw = merge(user_keywords("red"), Keywords(["white", "RED"], ["lm", "lm"]))
     cache = capture(tiny_vlm, [solid((255, 0, 0), (30, 30))], "The color of the image is",

@@ -6,17 +6,9 @@ import pytest
 import torch
 
 from esmc_lens.errors import ConfigError
-from esmc_lens.lens import (
-    LensWorkspace,
-    Unembed,
-    keyword_probs,
-    keyword_token_ids,
-    lens_logits,
-    lens_probs,
-    readout,
-    top_k,
-    topk_rows,
-)
+from esmc_lens.lens.keyword_rule import keyword_token_ids
+from esmc_lens.lens.readout import keyword_probs, readout, top_k, topk_rows
+from esmc_lens.lens.unembed import LensWorkspace, Unembed, lens_logits, lens_probs
 
 
 @pytest.fixture(scope="module")

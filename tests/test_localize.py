@@ -1,4 +1,4 @@
-"""Tests of esmc_lens.localize (Algorithm 1): exact vote counts, ties, empty slots, fallback."""
+"""esmc_lens.localization.votes (Algorithm 1): exact vote counts, ties, empty slots, fallback."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from esmc_lens.cache import ResidualCache
 from esmc_lens.errors import ConfigError
-from esmc_lens.localize import localize, vote_table
+from esmc_lens.localization.votes import localize, vote_table
+from esmc_lens.residual.cache import ResidualCache
 
 
 def fake_cache(keyword_probs: torch.Tensor, positions: torch.Tensor | None = None,
@@ -156,7 +156,7 @@ def test_sampling_is_seeded_and_explicit_sample_overrides() -> None:
 def test_localize_needs_keyword_probs(tiny_vlm) -> None:
     from conftest import solid
 
-    from esmc_lens.capture import capture
+    from esmc_lens.residual.capture import capture
 
     cache = capture(tiny_vlm, [solid((255, 0, 0), (30, 30))], "The color of the image is",
                     progress=False)
@@ -167,7 +167,7 @@ def test_localize_needs_keyword_probs(tiny_vlm) -> None:
 def test_localize_on_tiny_capture_is_consistent(tiny_vlm) -> None:
     from conftest import SOLID_COLOURS, solid
 
-    from esmc_lens.capture import capture
+    from esmc_lens.residual.capture import capture
 
     images = [solid(c, (30, 30)) for c in SOLID_COLOURS.values()]
     cache = capture(tiny_vlm, images, "The color of the image is",
@@ -184,7 +184,7 @@ def test_localize_on_tiny_capture_is_consistent(tiny_vlm) -> None:
 def test_offline_solid_colours_vote_at_the_prompt_end(offline_vlm) -> None:
     from conftest import SOLID_COLOURS, solid
 
-    from esmc_lens.capture import capture
+    from esmc_lens.residual.capture import capture
 
     names = list(SOLID_COLOURS)
     images = [solid(SOLID_COLOURS[c]) for c in names]

@@ -1,4 +1,4 @@
-"""Tests of esmc_lens.metrics against hand-worked values, sklearn, and properties."""
+"""Tests of esmc_lens.cluster.metrics against hand-worked values, sklearn, and properties."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from esmc_lens.metrics import (
+from esmc_lens.cluster.metrics import (
     accuracy,
     ari,
     clustering_scores,

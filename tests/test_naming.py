@@ -1,4 +1,4 @@
-"""Tests of esmc_lens.naming on vocabulary vectors whose right names are known."""
+"""Tests of esmc_lens.report.naming on vocabulary vectors whose right names are known."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from esmc_lens.errors import ConfigError
-from esmc_lens.lens import keyword_token_ids
-from esmc_lens.naming import as_probs, clean_token, name_clusters, naming_accuracy
-from esmc_lens.tiny import build_tokenizer
+from esmc_lens.lens.keyword_rule import keyword_token_ids
+from esmc_lens.models.tiny import build_tokenizer
+from esmc_lens.report.naming import as_probs, clean_token, name_clusters, naming_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +160,10 @@ def test_offline_model_names_solid_colours(offline_vlm) -> None:
     """
     from conftest import SOLID_COLOURS, solid
 
-    from esmc_lens.capture import capture
-    from esmc_lens.lens import Unembed
-    from esmc_lens.localize import localize
-    from esmc_lens.targets import target_embeddings
+    from esmc_lens.lens.unembed import Unembed
+    from esmc_lens.localization.targets import target_embeddings
+    from esmc_lens.localization.votes import localize
+    from esmc_lens.residual.capture import capture
 
     names = list(SOLID_COLOURS)
     images = [solid(SOLID_COLOURS[c]) for c in names]

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import SOLID_COLOURS, solid
 
-from esmc_lens.capture import capture
-from esmc_lens.lens import Unembed, top_k
+from esmc_lens.lens.readout import top_k
+from esmc_lens.lens.unembed import Unembed
+from esmc_lens.residual.capture import capture
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def test_module_layout_is_llava(offline_vlm):
 
 
 def test_second_load_is_fast(offline_vlm):
-    from esmc_lens.backend import load_model
+    from esmc_lens.models.vlm import load_model
 
     t0 = time.perf_counter()
     again = load_model("offline")
@@ -71,7 +72,7 @@ def test_cat_photo_is_named_a_cat(offline_vlm):
 def test_fp16_reads_the_same_colours_as_fp32(offline_vlm):
     """The dtype GPU users get by default (fp16), here on the CPU: same weights rounded, the
     lens still in fp32, so the colour readout moves by fp16 rounding only."""
-    from esmc_lens.backend import load_model
+    from esmc_lens.models.vlm import load_model
 
     half = load_model("offline", dtype="float16")
     assert half.dtype == torch.float16

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from esmc_lens.data import load_dataset
-from esmc_lens.keywords import class_name_keywords
-from esmc_lens.metrics import nmi
-from esmc_lens.pipeline import EsmcResult, question_for_prompt, run_esmc
-from esmc_lens.synthetic import SYNTHETIC_PROMPTS, make_synthetic_dataset
+from esmc_lens.cluster.metrics import nmi
+from esmc_lens.data.dataset import load_dataset
+from esmc_lens.data.synthetic import SYNTHETIC_PROMPTS, make_synthetic_dataset
+from esmc_lens.localization.keywords import class_name_keywords, question_for_prompt
+from esmc_lens.pipeline import run_esmc
+from esmc_lens.report.result import EsmcResult
 
 
 def chance_nmi(y: np.ndarray, k: int, n_draws: int = 200, q: float = 0.99) -> float:

@@ -1,4 +1,4 @@
-"""esmc_lens.plotting: saved figures keep everything drawn, at the publication resolution."""
+"""esmc_lens.report.plotting: saved figures keep everything drawn, at the publication resolution."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
-from esmc_lens.plotting import SAVE_DPI, figure_style, save_figure  # headless backend
+from esmc_lens.report.plotting import SAVE_DPI, figure_style, save_figure  # headless backend
 
 
 @pytest.mark.parametrize("inside_style", [True, False])

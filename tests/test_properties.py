@@ -21,8 +21,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from esmc_lens.head import PseudoLabelHead, select_pseudo_labels
-from esmc_lens.metrics import (
+from esmc_lens.cluster.head import PseudoLabelHead, select_pseudo_labels
+from esmc_lens.cluster.metrics import (
     accuracy,
     ari,
     clustering_scores,

@@ -20,9 +20,9 @@ import pandas as pd
 import pytest
 import torch
 
-from esmc_lens.data import load_dataset
+from esmc_lens.data.dataset import load_dataset
+from esmc_lens.data.synthetic import make_synthetic_dataset
 from esmc_lens.pipeline import run_esmc
-from esmc_lens.synthetic import make_synthetic_dataset
 
 SETTINGS = {"criterion": "color", "keywords": ["red", "green", "blue", "yellow"],
             "baselines": False, "n_seeds": 2, "epochs": 5, "n_samples": 4, "progress": False}
@@ -32,8 +32,8 @@ CHILD = textwrap.dedent("""
     import json, sys
     import torch
     torch.set_num_threads(1)
-    from esmc_lens.backend import load_model
-    from esmc_lens.data import load_dataset
+    from esmc_lens.models.vlm import load_model
+    from esmc_lens.data.dataset import load_dataset
     from esmc_lens.pipeline import run_esmc
 
     settings = json.loads(sys.argv[3])

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import shard_dirs, shard_stats, write_images
 
-from esmc_lens.capture import capture
-from esmc_lens.store import cached_capture
+from esmc_lens.residual.capture import capture
+from esmc_lens.residual.store import cached_capture
 
 PROMPT = "The color of the object is"
 OPTIONS = {"keywords": ["red", "blue"], "top_k": 3, "vision": True,
@@ -30,8 +30,8 @@ CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(int(sys.argv[3]))
     import safetensors.torch
-    import esmc_lens.store as store
-    from esmc_lens.backend import load_model
+    import esmc_lens.residual.store as store
+    from esmc_lens.models.vlm import load_model
 
     real = safetensors.torch.save_file
     def slow_save(*args, **kwargs):  # each batch's write takes a while: the kill lands in it

@@ -11,11 +11,11 @@ import torch
 from conftest import assert_same_cache, shard_dirs, shard_stats, write_images
 from PIL import Image
 
-from esmc_lens.backend import load_model
-from esmc_lens.capture import capture
-from esmc_lens.data import load_dataset
+from esmc_lens.data.dataset import load_dataset
 from esmc_lens.errors import EsmcWarning
-from esmc_lens.store import cache_key, cached_capture
+from esmc_lens.models.vlm import load_model
+from esmc_lens.residual.capture import capture
+from esmc_lens.residual.store import cache_key, cached_capture
 
 PROMPT = "The color of the object is"
 OPTIONS = {"keywords": ["red", "blue"], "top_k": 3, "vision": True,
@@ -155,8 +155,8 @@ def test_damaged_shards_are_recomputed_with_a_warning(tiny_vlm, images, tmp_path
 
 
 def test_run_esmc_with_cache_dir_resumes_and_changes_nothing(tiny_vlm, tmp_path):
+    from esmc_lens.data.synthetic import make_synthetic_dataset
     from esmc_lens.pipeline import run_esmc
-    from esmc_lens.synthetic import make_synthetic_dataset
 
     ds = load_dataset(make_synthetic_dataset(tmp_path / "syn", n_images=8, image_size=32))
     kw = {"criterion": "color", "keywords": ["red", "green", "blue", "yellow"],

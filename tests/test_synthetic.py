@@ -1,4 +1,4 @@
-"""Tests of esmc_lens.synthetic: determinism, layout, balance, labels vs pixels."""
+"""Tests of esmc_lens.data.synthetic: determinism, layout, balance, labels vs pixels."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esmc_lens.data import load_dataset
-from esmc_lens.errors import DataError
-from esmc_lens.synthetic import (
+from esmc_lens.data.dataset import load_dataset
+from esmc_lens.data.synthetic import (
     BACKGROUND_COLORS,
     MANIFEST_NAME,
     OBJECT_COLORS,
@@ -20,6 +19,7 @@ from esmc_lens.synthetic import (
     SYNTHETIC_PROMPTS,
     make_synthetic_dataset,
 )
+from esmc_lens.errors import DataError
 
 N = 40
 

@@ -1,4 +1,4 @@
-"""Tests of esmc_lens.targets: each space equals its definition on real captured states."""
+"""esmc_lens.localization.targets: each space equals its definition on captured states."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import SOLID_COLOURS, solid
 
-from esmc_lens.capture import capture
 from esmc_lens.errors import ConfigError
-from esmc_lens.lens import Unembed, lens_logits
-from esmc_lens.localize import localize
-from esmc_lens.targets import SPACES, target_embeddings, target_labels
+from esmc_lens.lens.unembed import Unembed, lens_logits
+from esmc_lens.localization.targets import SPACES, target_embeddings, target_labels
+from esmc_lens.localization.votes import localize
+from esmc_lens.residual.capture import capture
 
 PROMPT = "The color of the image is"
 

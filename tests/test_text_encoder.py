@@ -1,4 +1,4 @@
-"""Tests of esmc_lens.text_encoder (all-MiniLM-L6-v2 offline; CLIP on a tiny random model)."""
+"""esmc_lens.models.text_encoder (all-MiniLM-L6-v2 offline; CLIP on a tiny random model)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from esmc_lens.errors import ConfigError, ModelError
-from esmc_lens.text_encoder import (
+from esmc_lens.models.text_encoder import (
     CLIPTextEncoder,
     MiniLMEncoder,
     TextEncoder,
@@ -112,7 +112,7 @@ def test_clip_unavailable_names_the_fix():
 def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel
 
-    from esmc_lens.tiny import build_tokenizer
+    from esmc_lens.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
     tok.padding_side = "right"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import solid
 
-from esmc_lens.capture import capture
-from esmc_lens.lens import Unembed, lens_logits
+from esmc_lens.lens.unembed import Unembed, lens_logits
+from esmc_lens.residual.capture import capture
 
 pytest.importorskip("transformer_lens")
 
@@ -17,7 +17,7 @@ def test_lens_matches_transformer_bridge(tiny_vlm, monkeypatch):
 
     from transformer_lens.model_bridge.sources.transformers import helpers
 
-    from esmc_lens.interop import transformer_lens_bridge
+    from esmc_lens.models.transformer_lens import transformer_lens_bridge
 
     original_helper = helpers._ensure_torchvision
     # the guard must stop any run-time pip install: fail loudly if one is attempted

@@ -14,11 +14,13 @@ pytest.importorskip("ipywidgets")
 
 from conftest import SOLID_COLOURS, solid
 
-from esmc_lens.cache import ResidualCache
-from esmc_lens.capture import capture
-from esmc_lens.lens import Unembed, keyword_probs, keyword_token_ids, top_k
-from esmc_lens.localize import localize, vote_table
-from esmc_lens.widgets import ClusterBrowser, LensExplorer, VoteMapExplorer
+from esmc_lens.apps.widgets import ClusterBrowser, LensExplorer, VoteMapExplorer
+from esmc_lens.lens.keyword_rule import keyword_token_ids
+from esmc_lens.lens.readout import keyword_probs, top_k
+from esmc_lens.lens.unembed import Unembed
+from esmc_lens.localization.votes import localize, vote_table
+from esmc_lens.residual.cache import ResidualCache
+from esmc_lens.residual.capture import capture
 
 PROMPT = "The color of the object is"
 

@@ -1,0 +1,1 @@
+"""What users run: the CLI, the demo, the notebooks' workbench, widgets and the benchmark."""

@@ -1,0 +1,360 @@
+"""Command line: ``esmc-lens lens | demo | run | bench | capture-shard`` (also
+``python -m esmc_lens``; ``torchrun ... -m esmc_lens capture-shard`` for sharded capture).
+
+Errors that come from bad input (every :class:`~esmc_lens.errors.EsmcError`) print one
+line naming the problem and the fix and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from ..errors import ConfigError, EsmcError, EsmcWarning
+from ..validate import dataset_notes
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="offline",
+                   help="'offline' (default), 'tiny', a hub id such as "
+                        "llava-hf/llava-1.5-7b-hf, or a local directory")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    p.add_argument("--dtype", default=None, help="float16, bfloat16, float32 (default: fp16 "
+                                                 "on CUDA, fp32 on CPU)")
+
+
+def cmd_lens(args: argparse.Namespace) -> int:
+    """Top-k lens tokens for every layer and prompt position of one image."""
+    from ..data.images import open_rgb
+    from ..models.vlm import load_model
+    from ..residual.capture import capture
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k}: give a positive number of tokens")
+    vlm = load_model(args.model, device=args.device, dtype=args.dtype)
+    image = open_rgb(args.image)
+    cache = capture(vlm, [image], args.prompt, top_k=args.top_k, progress=False,
+                    image_ids=[Path(args.image).name])
+    tok = vlm.tokenizer
+    out = {
+        "model": vlm.name,
+        "image": str(args.image),
+        "prompt": args.prompt,
+        "formatted_prompt": cache.meta["formatted_prompt"],
+        "positions": [{"slot": p, "seq_index": int(i), "token": t}
+                      for p, (i, t) in enumerate(zip(cache.positions[0].tolist(),
+                                                     cache.tokens[0], strict=True))],
+        "layers": [
+            {"layer": s, "positions": [
+                {"token": cache.tokens[0][p],
+                 "top": [{"token": tok.decode([int(i)]), "prob": round(float(q), 6)}
+                         for i, q in zip(cache.top_ids[0, j, p], cache.top_probs[0, j, p],
+                                         strict=True)]}
+                for p in range(cache.n_positions)]}
+            for j, s in enumerate(cache.stream)
+        ],
+    }
+    if args.json:
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    else:
+        last = out["layers"][-1]
+        print(f"{vlm.name}: {args.prompt!r} on {args.image} (last layer, top-{args.top_k})")
+        for pos in last["positions"]:
+            tops = ", ".join(f"{t['token']!r} {t['prob']:.2f}" for t in pos["top"])
+            print(f"  {pos['token']!r:>14}  {tops}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole pipeline on one criterion of an ESMC-layout dataset."""
+    from ..cluster.baselines import format_mean_std
+    from ..data.dataset import load_dataset
+    from ..models.vlm import load_model
+    from ..pipeline import run_esmc
+
+    ds = load_dataset(args.data, verify=True)
+    if args.criterion not in ds.criteria:
+        raise ConfigError(f"--criterion {args.criterion!r} is not a folder of {args.data}; "
+                          f"its criteria are {ds.criteria}")
+    _check_run_args(args, ds)  # everything that can fail before the model is loaded
+    for note in dataset_notes(ds, args.criterion, skipped_csv=f"{args.out}/skipped.csv"):
+        print(f"esmc-lens: note: {note}", file=sys.stderr)
+    vlm = load_model(args.model, device=args.device, dtype=args.dtype)
+    keywords = args.keywords.split(",") if args.keywords else None
+    res = run_esmc(vlm, ds, args.prompt, criterion=args.criterion, n_clusters=args.k,
+                   keywords=keywords, keyword_source=args.keyword_source, alpha=args.alpha,
+                   tau=args.tau, n_samples=args.n_samples, space=args.space, seed=args.seed,
+                   n_seeds=args.n_seeds, baselines=not args.no_baselines,
+                   batch_size=args.batch_size, progress=not args.quiet,
+                   cache_dir=args.cache_dir)
+    out = res.save(args.out)
+    ds.skipped.to_csv(out / "skipped.csv", index=False)
+    print(f"{res.model}: {args.criterion} ({res.n_images} images), target "
+          f"{', '.join(res.target_labels)} in {res.space} space")
+    if not res.scores.empty:
+        print(format_mean_std(res.scores, ("nmi", "ri", "ari", "acc")).to_string())
+    print(res.clusters[["cluster", "size", "name"]].to_string(index=False))
+    print(f"wrote {out}/results.json and {out}/assignments.csv")
+    return 0
+
+
+def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
+    """Markdown table of saved runs' NMI/RI (mean ± std) beside the paper's, if it has them."""
+    from ..report.paper_numbers import PAPER_MODEL, paper_scores
+    from ..report.result import EsmcResult
+
+    lines = ["| criterion | method | NMI (ours) | RI (ours) | NMI (paper) | RI (paper) |",
+             "|---|---|---|---|---|---|"]
+    models = set()
+    for d in run_dirs:
+        r = EsmcResult.load_json(d)
+        models.add(r["model"])
+        paper = paper_scores(dataset, r["criterion"]) if dataset else None
+        blocks = {"ESMC": r["scores"], **r["baselines"]}
+        for method, sc in blocks.items():
+            p = paper.loc[method] if paper is not None and method in paper.index else None
+            lines.append(
+                f"| {r['criterion']} | {method} | {sc['nmi']:.4f} ± {sc['nmi_std']:.4f} | "
+                f"{sc['ri']:.4f} ± {sc['ri_std']:.4f} | "
+                f"{'' if p is None else f'{p.nmi:.4f}'} | {'' if p is None else f'{p.ri:.4f}'} |")
+    lines.append(f"\nOurs: model {', '.join(sorted(models))}, mean ± std over seeds. "
+                 f"Paper: {PAPER_MODEL} (the paper's numbers), Table 3.")
+    return "\n".join(lines)
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """What the lens says at a saved run's target, scored against the labels."""
+    from ..data.dataset import load_dataset
+    from ..models.vlm import load_model
+    from ..report.diagnose import readout_for_run
+    from ..report.result import EsmcResult
+
+    res = EsmcResult.load(args.run)
+    ds = load_dataset(args.data)
+    vlm = load_model(args.model or res.model, device=args.device, dtype=args.dtype)
+    r = readout_for_run(vlm, ds, res, cache_dir=args.cache_dir, progress=not args.quiet)
+    out = {"model": vlm.name, "criterion": res.criterion, "target": res.target_labels,
+           "readout_nmi": r.nmi, "readout_acc": r.acc, "class_mass": r.class_mass,
+           "crosstab": r.crosstab.to_dict(), "top_tokens": r.top_tokens.to_dict("records")}
+    if args.json:
+        json.dump(out, sys.stdout, indent=1, default=int)
+        print()
+        return 0
+    print(f"{vlm.name}: {res.criterion}, target {', '.join(res.target_labels)}: the lens's "
+          f"class word scores NMI {r.nmi:.4f}, ACC {r.acc:.4f}; class words hold "
+          f"{r.class_mass:.1%} of the probability")
+    print(r.crosstab.to_string())
+    print("most frequent top-1 lens tokens:", ", ".join(
+        f"{t!r} x{n}" for t, n in zip(r.top_tokens["token"], r.top_tokens["images"],
+                                       strict=True)))
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    print(results_table(args.runs, args.dataset))
+    return 0
+
+
+def _check_run_args(args: argparse.Namespace, ds) -> None:
+    from ..residual.store import CACHE_DIR_FIX
+    from ..validate import check_output_dir, check_run, check_writable_dir
+
+    check_run(None, ds, args.prompt, criterion=args.criterion, n_images=len(ds),
+              n_clusters=args.k, alpha=args.alpha, tau=args.tau, n_samples=args.n_samples,
+              batch_size=args.batch_size, n_seeds=args.n_seeds)
+    check_output_dir(args.out)
+    if args.cache_dir is not None:
+        check_writable_dir(args.cache_dir, "capture cache directory (--cache-dir)", CACHE_DIR_FIX)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(model=args.model, out=Path(args.out), figures=Path(args.figures),
+             n_images=args.n_images, device=args.device, dtype=args.dtype)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Throughput and memory of capture against the bare forward pass and the naive way."""
+    from .bench import main_from_args
+
+    return main_from_args(args)
+
+
+def cmd_capture_shard(args: argparse.Namespace) -> int:
+    """This process's shard of a capture (one process, or one rank under torchrun)."""
+    import torch
+
+    from ..models.vlm import load_model
+    from ..residual.distributed import capture_sharded, dist_env, list_images
+
+    images = list_images(args.images)
+    env = dist_env(device=args.device)
+    try:
+        vlm = load_model(args.model, device=env.device, dtype=args.dtype)
+        pos = [x.strip() for x in args.positions.split(",") if x.strip()]
+        if len(pos) == 1 and pos[0] in ("prompt", "all"):
+            pos = pos[0]
+        elif all(x.lstrip("-").isdigit() for x in pos):
+            pos = [int(x) for x in pos]
+        options = {"positions": pos,
+                   "keywords": args.keywords.split(",") if args.keywords else None,
+                   "top_k": args.top_k, "vision": args.vision,
+                   "store_dtype": getattr(torch, args.store_dtype),
+                   "layers": ([int(x) for x in args.layers.split(",")] if args.layers
+                              else None)}
+        summary, cache = capture_sharded(
+            vlm, images, args.prompt, args.cache_dir, batch_size=args.batch_size,
+            merge=not args.no_merge, env=env, progress=not args.quiet, engine=args.engine,
+            image_ids=[str(p.relative_to(Path(args.images).expanduser())) for p in images],
+            **options)
+        if env.is_main:
+            if cache is not None and args.out:
+                cache.save(args.out)
+                summary["out"] = str(args.out)
+            print(json.dumps(summary, default=str) if args.json else
+                  f"esmc-lens: {summary['n_images']} images in "
+                  f"{len(summary['ranks'])} shard(s) under {summary['dir']}"
+                  + (f"; merged cache written to {args.out}" if cache is not None and args.out
+                     else ""))
+    finally:
+        import torch.distributed as dist
+
+        if env.backend is not None and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esmc-lens", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("lens", help="logit lens of one image at every layer and position")
+    _add_model_args(p)
+    p.add_argument("--image", required=True, help="an image file")
+    p.add_argument("--prompt", required=True, help="criterion prompt, e.g. "
+                                                   "'The color of the flower is'")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_lens)
+
+    p = sub.add_parser("run", help="ESMC on one criterion of an ESMC-layout dataset")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="dataset root: <root>/<criterion>/<class>/")
+    p.add_argument("--criterion", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--k", type=int, default=None, help="clusters (default: number of classes)")
+    p.add_argument("--keywords", default=None, help="comma-separated keywords")
+    p.add_argument("--keyword-source", default="auto",
+                   choices=["auto", "user", "lm", "class_names"])
+    p.add_argument("--alpha", type=float, default=0.3, help="pseudo-label ratio in (0, 1]")
+    p.add_argument("--tau", type=float, default=0.2, help="vote threshold")
+    p.add_argument("--n-samples", type=int, default=10, help="images sampled to localize")
+    p.add_argument("--space", default="probs", choices=["probs", "logits", "hidden"],
+                   help="target embedding space (default: lens probabilities, |V|-dim)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-seeds", type=int, default=10, help="seeds averaged in the scores")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep captures on disk here; a rerun after a crash or kill resumes "
+                        "from the saved batches (default: no capture cache)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("table", help="markdown table of saved runs beside the paper's numbers")
+    p.add_argument("runs", nargs="+", help="output folders of `esmc-lens run`")
+    p.add_argument("--dataset", default=None, help="paper dataset name, e.g. flower")
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("diagnose", help="what the lens says at a saved run's target, scored "
+                                        "against the labels (why ESMC does or does not win)")
+    _add_model_args(p)
+    p.set_defaults(model=None)  # default: the run's own model
+    p.add_argument("run", help="output folder of `esmc-lens run`")
+    p.add_argument("--data", required=True, help="the run's dataset root")
+    p.add_argument("--cache-dir", default=None, help="the run's --cache-dir (reuses its capture)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("demo", help="the README's main job on the synthetic dataset")
+    _add_model_args(p)
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--figures", default="figures")
+    p.add_argument("--n-images", type=int, default=96)
+    p.set_defaults(func=cmd_demo)
+
+    from .bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="throughput and memory: capture vs forward pass vs naive")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("capture-shard",
+                       help="capture a folder of images to disk shards; under torchrun each "
+                            "rank takes its share and rank 0 merges")
+    _add_model_args(p)
+    p.add_argument("--images", required=True, help="folder of image files (recursive)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--cache-dir", default=None,
+                   help="shard store (default $ESMC_LENS_CACHE/captures); shared by all ranks")
+    p.add_argument("--out", default=None, help="write the merged cache here (rank 0)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--keywords", default=None, help="comma-separated keywords for the lens")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--layers", default=None, help="comma-separated stream indices (default all)")
+    p.add_argument("--positions", default="prompt",
+                   help="'prompt' (default), 'all', comma-separated sequence indices or words")
+    p.add_argument("--vision", action="store_true", help="also keep pooled vision features")
+    p.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16",
+                                                                 "float32"])
+    p.add_argument("--engine", default="auto", choices=["auto", "hooks", "nnsight"])
+    p.add_argument("--no-merge", action="store_true", help="write shards only")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_capture_shard)
+    return parser
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """esmc_lens's own warnings as one line; others as Python prints them."""
+    if issubclass(category, EsmcWarning):
+        print(f"esmc-lens: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
+    except EsmcError as exc:
+        print(f"esmc-lens: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            raise
+        print("esmc-lens: error: out of GPU memory: lower --batch-size (or use --dtype "
+              "float16)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        resume = ("; run the same command again to resume from the saved batches"
+                  if getattr(args, "cache_dir", None) else "")
+        print(f"esmc-lens: interrupted{resume}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""``ResidualCache``: every layer's residual stream at the chosen prompt positions.
+
+The one object the rest of esmc_lens reads (modelled on TransformerLens' ``ActivationCache``).
+A typical session::
+
+    >>> vlm = load_model("offline")                                     # doctest: +SKIP
+    >>> cache = capture(vlm, images, "The color of the flower is")      # doctest: +SKIP
+    >>> cache.states.shape      # [images, layers + 1, positions, d_model]   # doctest: +SKIP
+    >>> cache.token_table()     # which token each position is           # doctest: +SKIP
+    >>> h = cache.cell(layer=27, position="color")   # [images, d_model]  # doctest: +SKIP
+    >>> probs, ids = top_k(h, Unembed.from_model(vlm), k=5)               # doctest: +SKIP
+    >>> cache.save("runs/flowers-color"); ResidualCache.load("runs/flowers-color")  # doctest: +SKIP
+
+Conventions
+-----------
+* Stream index ``s`` (axis 1): ``0`` is the embedding output (the input of decoder layer 0,
+  image features already merged in); ``s = l + 1`` is the output of decoder layer ``l``.
+  So ``states[:, -1]`` is the last layer's output *before* the final norm, and the lens of
+  it equals the model's logits. ``stream`` lists the stored stream indices.
+* ``positions[i, p]`` is the index of stored position ``p`` of image ``i`` in that image's
+  *unpadded* token sequence (left padding removed), ``-1`` where a shorter prompt left
+  the slot empty; ``tokens[i][p]`` is its token string.
+* ``states`` are stored in fp16 by default (``store_dtype``); lens readouts computed during
+  capture (``keyword_probs``, ``top_ids``, ``top_probs``) were taken in fp32 on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..errors import CaptureError, ConfigError
+
+TENSOR_FIELDS = ("states", "positions", "image_span", "vision", "keyword_probs", "top_ids",
+            "top_probs")
+FORMAT_VERSION = 1
+
+
+def strip_token(tok: str) -> str:
+    """A token string as a word: BPE/SentencePiece space markers removed, lower case."""
+    return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n").strip().lower()
+
+
+@dataclass
+class ResidualCache:
+    """Residual stream of every captured layer at the captured positions (see module doc).
+
+    Attributes
+    ----------
+    states : [n_images, n_stream, n_positions, d_model]
+    positions : [n_images, n_positions] long, unpadded token index or -1
+    tokens : n_images lists of n_positions token strings ("" for empty slots)
+    image_span : [n_images, 2] (start, stop) of the image tokens in the unpadded sequence
+    stream : stored stream indices (0 = embeddings, l + 1 = after decoder layer l)
+    image_ids : an identifier per image (file name or index)
+    prompts : the criterion prompt of each image
+    meta : model, formatted prompt, chat template, library versions, ...
+    vision : [n_images, d_vision] pooled vision-encoder features, if captured
+    keywords, keyword_probs : keyword names and lens probabilities
+        [n_images, n_stream, n_positions, n_keywords], if requested at capture
+    top_ids, top_probs : [n_images, n_stream, n_positions, k] lens top-k, if requested
+    """
+
+    states: torch.Tensor
+    positions: torch.Tensor
+    tokens: list[list[str]]
+    image_span: torch.Tensor
+    stream: list[int]
+    image_ids: list[str]
+    prompts: list[str]
+    meta: dict = field(default_factory=dict)
+    vision: torch.Tensor | None = None
+    keywords: list[str] | None = None
+    keyword_probs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_probs: torch.Tensor | None = None
+
+    # -- shape ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    @property
+    def n_positions(self) -> int:
+        return self.states.shape[2]
+
+    @property
+    def d_model(self) -> int:
+        return self.states.shape[3]
+
+    def __repr__(self) -> str:
+        return (f"ResidualCache(images={len(self)}, stream={self.stream[0]}..{self.stream[-1]} "
+                f"({len(self.stream)}), positions={self.n_positions}, d_model={self.d_model}, "
+                f"dtype={self.states.dtype}, model={self.meta.get('model')!r})")
+
+    # -- indexing --------------------------------------------------------------------------
+    def stream_index(self, layer: int) -> int:
+        """Axis-1 index of stream index ``layer`` (negative counts from the last stored)."""
+        if layer < 0:
+            layer = self.stream[layer]
+        try:
+            return self.stream.index(layer)
+        except ValueError:
+            raise ConfigError(f"layer {layer} was not captured; captured stream indices are "
+                              f"{self.stream[0]}..{self.stream[-1]}") from None
+
+    def position_index(self, position: int | str) -> int:
+        """Axis-2 index of a stored position, by slot number or by token (first match).
+
+        A token is matched against every image's token strings with :func:`strip_token`;
+        it must sit in the same slot for all images that have it.
+        """
+        if isinstance(position, int):
+            if not -self.n_positions <= position < self.n_positions:
+                raise ConfigError(f"position {position} out of range: {self.n_positions} "
+                                  "positions were captured")
+            return position % self.n_positions
+        want = strip_token(position)
+        slots = {next((p for p, t in enumerate(toks) if strip_token(t) == want), None)
+                 for toks in self.tokens}
+        slots.discard(None)
+        if not slots:
+            raise ConfigError(f"no captured position holds the token {position!r}; tokens "
+                              f"are {self.tokens[0]}")
+        if len(slots) > 1:
+            raise ConfigError(f"token {position!r} sits in different slots {sorted(slots)} "
+                              "across images (prompts differ): select it by slot number")
+        return slots.pop()
+
+    def layer(self, layer: int) -> torch.Tensor:
+        """States of one stream index: [n_images, n_positions, d_model]."""
+        return self.states[:, self.stream_index(layer)]
+
+    def cell(self, layer: int, position: int | str) -> torch.Tensor:
+        """States at one (layer, position): [n_images, d_model]."""
+        return self.states[:, self.stream_index(layer), self.position_index(position)]
+
+    def token_table(self, image: int = 0) -> pd.DataFrame:
+        """One row per stored position of ``image``: slot, sequence index and token."""
+        return pd.DataFrame({
+            "slot": range(self.n_positions),
+            "seq_index": self.positions[image].tolist(),
+            "token": self.tokens[image],
+        })
+
+    def position_labels(self, image: int = 0) -> list[str]:
+        """Readable labels ``"12:color"`` of the stored positions (for plot axes)."""
+        return [f"{int(i)}:{strip_token(t) or repr(t)}"
+                for i, t in zip(self.positions[image], self.tokens[image], strict=True)]
+
+    def select(self, images: Sequence[int] | torch.Tensor) -> ResidualCache:
+        """A cache of a subset of images (in the given order)."""
+        idx = torch.as_tensor(list(images), dtype=torch.long)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return ResidualCache(
+            states=self.states[idx], positions=self.positions[idx],
+            tokens=[self.tokens[i] for i in idx.tolist()], image_span=self.image_span[idx],
+            stream=list(self.stream), image_ids=[self.image_ids[i] for i in idx.tolist()],
+            prompts=[self.prompts[i] for i in idx.tolist()], meta=dict(self.meta),
+            vision=pick(self.vision), keywords=self.keywords,
+            keyword_probs=pick(self.keyword_probs), top_ids=pick(self.top_ids),
+            top_probs=pick(self.top_probs),
+        )
+
+    # -- combining -------------------------------------------------------------------------
+    @classmethod
+    def concat(cls, caches: Sequence[ResidualCache]) -> ResidualCache:
+        """Join caches of the same model, layers and keywords along the image axis.
+
+        Position axes of different widths (prompts of different lengths) are right-padded
+        with empty slots (position -1, zero states).
+        """
+        if not caches:
+            raise ConfigError("concat needs at least one cache")
+        first = caches[0]
+        for c in caches[1:]:
+            if c.stream != first.stream or c.keywords != first.keywords:
+                raise ConfigError("caches differ in captured layers or keywords; capture them "
+                                  "with the same settings to concatenate")
+        width = max(c.n_positions for c in caches)
+
+        def cat(name: str, fill) -> torch.Tensor | None:
+            parts = [getattr(c, name) for c in caches]
+            if any(p is None for p in parts):
+                return None
+            if name in ("states", "keyword_probs", "top_ids", "top_probs", "positions"):
+                axis = 2 if name != "positions" else 1
+                parts = [_pad_axis(p, axis, width, fill) for p in parts]
+            return torch.cat(parts, dim=0)
+
+        return cls(
+            states=cat("states", 0), positions=cat("positions", -1),
+            tokens=[t + [""] * (width - len(t)) for c in caches for t in c.tokens],
+            image_span=cat("image_span", 0), stream=list(first.stream),
+            image_ids=[i for c in caches for i in c.image_ids],
+            prompts=[p for c in caches for p in c.prompts], meta=dict(first.meta),
+            vision=cat("vision", 0), keywords=first.keywords,
+            keyword_probs=cat("keyword_probs", 0), top_ids=cat("top_ids", 0),
+            top_probs=cat("top_probs", 0),
+        )
+
+    # -- disk ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/tensors.safetensors`` and ``path/cache.json`` (atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: getattr(self, n).contiguous() for n in TENSOR_FIELDS
+                   if getattr(self, n) is not None}
+        tmp = path / "tensors.safetensors.part"
+        save_file(tensors, tmp)
+        digest = _sha256(tmp)
+        os.replace(tmp, path / "tensors.safetensors")
+        doc = {
+            "format_version": FORMAT_VERSION, "tokens": self.tokens, "stream": self.stream,
+            "image_ids": self.image_ids, "prompts": self.prompts, "meta": self.meta,
+            "keywords": self.keywords, "sha256": digest,
+        }
+        tmpj = path / "cache.json.part"
+        tmpj.write_text(json.dumps(doc, indent=1, default=str))
+        os.replace(tmpj, path / "cache.json")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> ResidualCache:
+        """Read a cache written by :meth:`save`; checks the tensors' SHA-256 if ``verify``."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        try:
+            doc = json.loads((path / "cache.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CaptureError(f"{path} holds no readable esmc_lens cache ({exc})") from exc
+        file = path / "tensors.safetensors"
+        if verify and _sha256(file) != doc["sha256"]:
+            raise CaptureError(f"{file} is damaged (checksum mismatch): delete {path} and "
+                               "capture again")
+        t = load_file(file)
+        return cls(
+            states=t["states"], positions=t["positions"], tokens=doc["tokens"],
+            image_span=t["image_span"], stream=doc["stream"], image_ids=doc["image_ids"],
+            prompts=doc["prompts"], meta=doc["meta"], vision=t.get("vision"),
+            keywords=doc["keywords"], keyword_probs=t.get("keyword_probs"),
+            top_ids=t.get("top_ids"), top_probs=t.get("top_probs"),
+        )
+
+
+def _pad_axis(t: torch.Tensor, axis: int, width: int, fill) -> torch.Tensor:
+    if t.shape[axis] == width:
+        return t
+    shape = list(t.shape)
+    shape[axis] = width - t.shape[axis]
+    return torch.cat([t, torch.full(shape, fill, dtype=t.dtype)], dim=axis)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

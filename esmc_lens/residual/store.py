@@ -1,0 +1,446 @@
+"""Disk-cached, resumable capture: a killed run starts again from its completed batches.
+
+>>> cache = cached_capture(vlm, dataset, "The color of the flower is",
+...                        cache_dir="~/.cache/esmc_lens/captures", batch_size=8,
+...                        keywords=["red", "white"])                      # doctest: +SKIP
+>>> cache.meta["capture_cache"]  # {"dir": ..., "loaded": 37, "computed": 3}  # doctest: +SKIP
+
+``cached_capture`` returns exactly what :func:`~esmc_lens.residual.capture.capture` returns for the
+same arguments (same tensors, bit for bit), but every batch is written to disk as soon as
+it is captured, and batches already on disk are read instead of captured again.
+
+Layout under ``cache_dir``::
+
+    <model>-<settings key>/           one folder per model + prompt + options + versions
+        settings.json                 what the key was computed from (readable)
+        manifest.json                 the latest run: its batches, in order, and their shards
+        shards/<shard key>/           one batch: ResidualCache.save output
+            tensors.safetensors       (sha256 of it in cache.json)
+            cache.json
+
+Keys
+----
+The *settings key* hashes the model (name, class, config, a fingerprint of its weights,
+dtype, device type, prompt style), the chat template, the image processor's settings, the
+tokenizer, the prompt(s) and their formatted model input, the capture options (positions,
+layers, store dtype, keywords, top-k, vision), the batch size (batch composition changes
+padding and kernel shapes, hence the last bits of the states) and the versions of
+esmc_lens, torch, transformers, nnsight and Pillow. A *shard key* hashes the settings key,
+the content (SHA-256 of the file bytes, or of a PIL image's pixels) and the prompt of each
+image of its batch. Renaming image files keeps every shard valid (ids are not hashed);
+appending images to a dataset keeps the complete batches before them.
+
+Safety
+------
+* A shard is written to a temporary folder and renamed into place: a shard folder either
+  is complete or does not exist, whatever moment the process is killed at.
+* A shard whose checksum does not match (:meth:`ResidualCache.load` raises
+  ``CaptureError``) or that cannot be parsed is recomputed, with an ``EsmcWarning``.
+* A cache folder that is read-only or full raises ``CaptureError`` naming the folder and
+  the fix (``--cache-dir`` / ``ESMC_LENS_CACHE``, or no cache), before any capture work.
+* Concurrent runs on the same key take turns (``fcntl.flock`` on the key folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import CaptureError, ConfigError, EsmcWarning, ImageError
+from ..lens.keyword_rule import keyword_token_ids
+from ..models.vlm import VLM, library_versions
+from ..validate import check_writable_dir
+from .cache import ResidualCache
+from .capture import capture, capture_inputs
+
+__all__ = ["CACHE_DIR_FIX", "STORE_VERSION", "cache_key", "cached_capture",
+           "default_capture_dir", "image_fingerprints", "model_fingerprint", "open_entry",
+           "save_shard", "shard_keys"]
+
+STORE_VERSION = 1
+CACHE_DIR_FIX = ("set --cache-dir (CLI) or cache_dir= (API) or ESMC_LENS_CACHE to a writable "
+                 "folder with free space, or run without the capture cache")
+
+
+def default_capture_dir() -> Path:
+    """``$ESMC_LENS_CACHE/captures`` (see :func:`esmc_lens.models.weights.cache_dir`)."""
+    from ..models.weights import cache_dir
+
+    return cache_dir() / "captures"
+
+
+# -- fingerprints ------------------------------------------------------------------------
+
+
+def _sha(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _json(doc) -> str:
+    return json.dumps(doc, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise ImageError(f"image {path} does not exist: check the path, or reload the "
+                         "dataset if files were moved") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read image {path} ({exc.strerror or exc})") from None
+    return h.hexdigest()
+
+
+def image_fingerprints(images) -> list[str]:
+    """SHA-256 of every image's content: file bytes for paths and datasets, mode + size +
+    pixels for PIL images."""
+    from ..data.dataset import ImageDataset
+
+    if isinstance(images, ImageDataset):
+        return [_file_sha256(p) for p in images.paths]
+    out = []
+    for im in images:
+        if isinstance(im, str | os.PathLike):
+            out.append(_file_sha256(Path(im)))
+        elif hasattr(im, "tobytes") and hasattr(im, "mode"):
+            h = hashlib.sha256(f"{im.mode}:{im.size}:".encode())
+            h.update(im.tobytes())
+            out.append(h.hexdigest())
+        else:
+            raise ConfigError(f"cannot fingerprint an image of type {type(im).__name__}: pass "
+                              "PIL images, paths or an ImageDataset")
+    return out
+
+
+@torch.no_grad()
+def model_fingerprint(vlm: VLM) -> str:
+    """Hash of every parameter's name, shape, dtype, sum and a strided sample of values.
+
+    Tells apart checkpoints that share a name and config (fine-tunes, tiny models built
+    with other seeds, weights edited in place) at the cost of one pass over the weights.
+    """
+    h = hashlib.sha256()
+    for name, p in vlm.model.named_parameters():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        sample = flat[::step][:64].float().cpu()
+        total = float(flat.double().sum()) if flat.numel() else 0.0
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{total:.6e}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tokenizer_sha(tok) -> str:
+    """Hash of the tokenizer's model, normaliser and special tokens; its padding and
+    truncation state (which calling it with ``padding=True`` changes) left out."""
+    try:
+        spec = json.loads(tok.backend_tokenizer.to_str())
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+        return _sha(_json(spec))
+    except Exception:  # a slow tokenizer: fall back to its vocabulary
+        return _sha(_json(sorted(tok.get_vocab().items())))
+
+
+# Options of capture() that do not change its result (bit-identical by design, see
+# esmc_lens.residual.capture): left out of the key so they can differ between a run and its rerun.
+_NO_EFFECT = frozenset({"engine", "prefetch", "progress", "image_ids", "batch_size"})
+
+
+def _capture_options(kw: dict) -> dict:
+    """The capture options as plain JSON, capture()'s defaults filled in (so an option given
+    at its default value and the same option left out give the same key)."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(capture).parameters.items()
+                if p.default is not inspect.Parameter.empty and k not in _NO_EFFECT}
+    full = {**defaults, **{k: v for k, v in kw.items() if k not in _NO_EFFECT}}
+    out = {}
+    for k, v in sorted(full.items()):
+        if k == "layers" and v is not None:
+            v = sorted({int(x) for x in v})  # capture() sorts and dedupes them too
+        if isinstance(v, torch.dtype):
+            v = str(v).replace("torch.", "")
+        elif isinstance(v, slice):
+            v = repr(v)
+        elif isinstance(v, str | int | float | bool) or v is None:
+            pass
+        elif isinstance(v, Sequence) or hasattr(v, "__iter__"):
+            v = [x if isinstance(x, str | int | float) else repr(x) for x in v]
+        else:
+            v = repr(v)
+        out[k] = v
+    return out
+
+
+# Config fields that record how a model was last loaded or saved, not what it computes
+# (``save_pretrained`` fills in ``dtype``); the dtype the capture runs in is keyed apart.
+_VOLATILE_CONFIG = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
+
+
+def _config_sha(config) -> str:
+    """sha256 of a model config's JSON without :data:`_VOLATILE_CONFIG` at any depth."""
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()
+                if k not in _VOLATILE_CONFIG}
+
+    return _sha(_json(strip(json.loads(config.to_json_string(use_diff=False)))))
+
+
+def cache_key(vlm: VLM, prompts: Sequence[str], batch_size: int, **capture_kwargs
+              ) -> tuple[str, dict]:
+    """(settings key, the document it hashes) for a capture of ``vlm`` with ``prompts``."""
+    import PIL
+
+    processor = vlm.processor
+    image_processor = getattr(processor, "image_processor", None)
+    unique = sorted(set(prompts))
+    doc = {
+        "store_version": STORE_VERSION,
+        "model": vlm.name,
+        "model_class": type(vlm.model).__name__,
+        "config_sha256": _config_sha(vlm.model.config),
+        "weights": model_fingerprint(vlm),
+        "dtype": str(vlm.dtype).replace("torch.", ""),
+        "device_type": vlm.device.type,
+        "prompt_style": vlm.prompt_style,
+        "chat_template_sha256": _sha(getattr(processor, "chat_template", None) or ""),
+        "image_processor": (json.loads(_json(image_processor.to_dict()))
+                            if image_processor is not None else None),
+        "tokenizer_sha256": _tokenizer_sha(vlm.tokenizer),
+        "prompts": unique if len(unique) <= 8 else _sha(_json(unique)),
+        "formatted_prompts": ([vlm.format_prompt(p) for p in unique] if len(unique) <= 8
+                              else _sha(_json([vlm.format_prompt(p) for p in unique]))),
+        "capture": _capture_options(capture_kwargs),
+        # the token ids the keyword rule scores: a change of the rule is a new capture
+        "keyword_token_ids": (keyword_token_ids(vlm.tokenizer, capture_kwargs["keywords"]).groups
+                              if capture_kwargs.get("keywords") else None),
+        "batch_size": int(batch_size),
+        "versions": {**library_versions(), "pillow": PIL.__version__,
+                     "python": ".".join(map(str, sys.version_info[:2]))},
+    }
+    return _sha(_json(doc)), doc
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, doc) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Exclusive lock on ``folder`` (no-op where ``fcntl`` does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(f"another process is capturing into {folder}; waiting for it",
+                          EsmcWarning, stacklevel=4)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): go on
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name)[:40] or "model"
+
+
+def _load_shard(path: Path, n: int) -> ResidualCache | None:
+    """The shard at ``path``, or None if absent; a damaged one is removed, with a warning."""
+    if not path.exists():
+        return None
+    try:
+        part = ResidualCache.load(path, verify=True)
+        if len(part) != n:
+            raise CaptureError(f"{path} holds {len(part)} images, expected {n}")
+        return part
+    except Exception as exc:  # checksum, truncated file, bad JSON: recompute
+        reason = " ".join(str(exc).split())
+        warnings.warn(f"capture cache shard {path} is damaged ({reason}); recomputing it",
+                      EsmcWarning, stacklevel=3)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+
+def save_shard(part: ResidualCache, path: Path, root: Path) -> None:
+    """Write ``part`` to a temporary folder and rename it to ``path`` (atomic)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        part.save(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        what = "is full" if full else "cannot be written"
+        raise CaptureError(f"capture cache directory {root} {what} ({exc.strerror or exc}) "
+                           f"while saving a batch: {CACHE_DIR_FIX}; batches saved so far are kept "
+                           "and a rerun resumes from them") from None
+
+
+def open_entry(vlm: VLM, prompts: Sequence[str], batch_size: int,
+               cache_dir: str | os.PathLike | None = None, **capture_kwargs
+               ) -> tuple[Path, Path, str]:
+    """``(root, entry folder, settings key)`` of a capture, its folder created and its
+    ``settings.json`` written; ``CaptureError`` (with the fix) if it cannot be written."""
+    root = check_writable_dir(default_capture_dir() if cache_dir is None else cache_dir,
+                              "capture cache directory", CACHE_DIR_FIX)
+    key, doc = cache_key(vlm, prompts, batch_size, **capture_kwargs)
+    entry = root / f"{_slug(vlm.name)}-{key[:16]}"
+    try:
+        (entry / "shards").mkdir(parents=True, exist_ok=True)
+        if not (entry / "settings.json").exists():
+            _write_json(entry / "settings.json", doc)
+    except OSError as exc:
+        raise CaptureError(f"capture cache directory {root} cannot be written "
+                           f"({exc.strerror or exc}): {CACHE_DIR_FIX}") from None
+    return root, entry, key
+
+
+def shard_keys(key: str, prints: Sequence[str], prompts: Sequence[str],
+               batches: Sequence[Sequence[int]]) -> list[str]:
+    """The shard key of each batch: the settings key, and each image's content and prompt."""
+    return [_sha(_json([key, [[prints[i], prompts[i]] for i in b]])) for b in batches]
+
+
+# -- capture -----------------------------------------------------------------------------
+
+
+def cached_capture(
+    vlm: VLM,
+    images,
+    prompt: str | Sequence[str],
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    batch_size: int | str = 8,
+    image_ids: Sequence[str] | None = None,
+    progress: bool = True,
+    **capture_kwargs,
+) -> ResidualCache:
+    """:func:`~esmc_lens.residual.capture.capture`, one disk shard per batch, resumable.
+
+    Parameters
+    ----------
+    vlm, images, prompt, batch_size, image_ids, progress
+        As for :func:`~esmc_lens.residual.capture.capture`.
+    cache_dir : folder of the cache (created if needed); default
+        :func:`default_capture_dir` (``$ESMC_LENS_CACHE/captures``).
+    **capture_kwargs
+        ``positions``, ``layers``, ``store_dtype``, ``keywords``, ``top_k``, ``vision``:
+        passed to ``capture`` and part of the cache key.
+
+    Returns
+    -------
+    ResidualCache
+        Equal to ``capture(vlm, images, prompt, batch_size=batch_size, ...)``;
+        ``meta["capture_cache"]`` says where it was stored and how many batches were
+        loaded and computed.
+
+    Raises
+    ------
+    CaptureError
+        The cache folder is read-only or full (nothing is lost: saved batches stay).
+    """
+    from ..data.dataset import ImageDataset
+
+    if not isinstance(images, ImageDataset):
+        images = list(images)
+    source, prompts = capture_inputs(images, prompt, image_ids)
+    if batch_size == "auto":
+        from .capture import auto_batch_size
+
+        batch_size = auto_batch_size(vlm, source.load(0), prompts[0],
+                                     positions=capture_kwargs.get("positions", "prompt"),
+                                     layers=capture_kwargs.get("layers"))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1 or 'auto'")
+    for p in set(prompts):
+        vlm.format_prompt(p)  # a bad prompt fails here, before any hashing or writing
+    root, entry, key = open_entry(vlm, prompts, batch_size, cache_dir, **capture_kwargs)
+    shards = entry / "shards"
+    batches = [list(range(s, min(s + batch_size, source.n)))
+               for s in range(0, source.n, batch_size)]
+    skeys = shard_keys(key, image_fingerprints(images), prompts, batches)
+    manifest = {"settings_key": key, "n_images": source.n, "batch_size": batch_size,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "shards": [{"key": k[:32], "start": b[0], "stop": b[-1] + 1,
+                            "image_ids": [source.ids[i] for i in b]}
+                           for k, b in zip(skeys, batches, strict=True)]}
+
+    parts: list[ResidualCache] = []
+    loaded = computed = 0
+    with _locked(entry):
+        for stale in shards.glob(".*.part"):  # left by a killed run; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            _write_json(entry / "manifest.json", manifest)
+        except OSError as exc:
+            raise CaptureError(f"capture cache directory {root} cannot be written "
+                               f"({exc.strerror or exc}): {CACHE_DIR_FIX}") from None
+        bar = _progress(progress, len(batches))
+        for b, skey in zip(batches, skeys, strict=True):
+            path = shards / skey[:32]
+            part = _load_shard(path, len(b))
+            if part is None:
+                part = capture(vlm, [source.load(i) for i in b], [prompts[i] for i in b],
+                               batch_size=len(b), image_ids=[source.ids[i] for i in b],
+                               progress=False, **capture_kwargs)
+                save_shard(part, path, root)
+                computed += 1
+            else:
+                loaded += 1
+            parts.append(part)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+
+    cache = ResidualCache.concat(parts)
+    cache.image_ids = list(source.ids)  # ids are not hashed: the caller's names win
+    cache.prompts = list(prompts)
+    # One JSON form of the metadata whether the first shard was computed or read back.
+    cache.meta = json.loads(json.dumps(parts[0].meta, default=str))
+    cache.meta.update({
+        "prompt": prompts[0] if len(set(prompts)) == 1 else None,
+        "formatted_prompt": vlm.format_prompt(prompts[0]),
+        "capture_cache": {"dir": str(entry), "settings_key": key, "batches": len(batches),
+                          "loaded": loaded, "computed": computed},
+    })
+    return cache
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="capture (cached)")
