@@ -41,6 +41,15 @@ _LAYOUTS = (
 #                 sentence stems such as "The color of the flower is" on small chat models.
 PROMPT_STYLES = ("chat", "completion")
 COMPLETION_INSTRUCTION = "Describe the image in a few words."
+ANSWER_MAX_TOKENS = 32  # cap on a generated answer; it normally ends at SENTENCE_END first
+SENTENCE_END = (".", "\n")
+
+
+def first_sentence(text: str, stop: Sequence[str] = SENTENCE_END) -> str:
+    """``text`` up to and including its first stop string (a newline is dropped), stripped."""
+    text = text.lstrip()
+    cut = min((text.find(s) + len(s) for s in stop if s in text), default=len(text))
+    return text[:cut].strip()
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -213,14 +222,22 @@ class VLM:
         return enc
 
     @torch.inference_mode()
-    def generate(self, images: Sequence, prompts: str | Sequence[str], max_new_tokens: int = 12,
-                 style: str | None = None) -> list[str]:
-        """Greedy answers, one string per image (special tokens and the prompt removed)."""
+    def generate(self, images: Sequence, prompts: str | Sequence[str],
+                 max_new_tokens: int = ANSWER_MAX_TOKENS, style: str | None = None,
+                 stop: Sequence[str] = SENTENCE_END) -> list[str]:
+        """Greedy answers, one string per image, each ending at the end of its sentence.
+
+        Generation stops for a sequence at its end-of-sequence token or at the first of
+        ``stop`` (default: a full stop or a newline), and at ``max_new_tokens`` at most;
+        the answer is cut after that stop string (special tokens and the prompt removed).
+        """
         enc = self.encode(images, prompts, style)
         out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=self.tokenizer.pad_token_id)
+                                  pad_token_id=self.tokenizer.pad_token_id,
+                                  stop_strings=list(stop) or None, tokenizer=self.tokenizer)
         new = out[:, enc["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [first_sentence(t, stop) for t in texts]
 
     def metadata(self) -> dict:
         """What produced a result: model, template, style and library versions."""
