@@ -91,6 +91,21 @@ def capture_target_cells(vlm: VLM, images, prompt: str, positions: list[int],
                                  store_dtype=torch.float32, progress=progress)
 
 
+def target_tail_positions(loc_cache, targets) -> tuple[list[int], list[tuple[int, int]]]:
+    """The target cells' sequence positions counted from the end (-1: the last token), and
+    the ``(stream, slot)`` targets re-indexed into that sorted list.
+
+    ``loc_cache`` holds the prompt's positions (the tokens after the image, to the end), so
+    counted from the end a target is the same prompt token in every image with the same
+    prompt, also where the image-token count differs per image (dynamic resolution, e.g.
+    Qwen2-VL, LLaVA-NeXT): row 0's indices from the start would name other tokens there.
+    """
+    n0 = int(loc_cache.positions[0].max()) + 1  # row 0's sequence length
+    tail_of = {p: int(loc_cache.positions[0, p]) - n0 for _, p in targets}
+    tail = sorted(set(tail_of.values()))
+    return tail, [(s, tail.index(tail_of[p])) for s, p in targets]
+
+
 def run_esmc(
     vlm: VLM,
     images,
@@ -162,11 +177,10 @@ def run_esmc(
 
     # 2. every image at the target cells only.
     t = time.perf_counter()
-    seq = sorted({int(loc_cache.positions[0, p]) for _, p in loc.targets})
-    cache = capture_target_cells(vlm, images, prompt, seq, sorted({s for s, _ in loc.targets}),
+    tail, targets = target_tail_positions(loc_cache, loc.targets)
+    cache = capture_target_cells(vlm, images, prompt, tail, sorted({s for s, _ in loc.targets}),
                                  cache_dir=cache_dir, batch_size=batch_size, vision=baselines,
                                  progress=progress)
-    targets = [(s, seq.index(int(loc_cache.positions[0, p]))) for s, p in loc.targets]
     unembed = Unembed.from_model(vlm)
     X = target_embeddings(cache, targets, space=space, unembed=unembed)
     check_finite(X, cache.image_ids, "target embeddings")
@@ -216,6 +230,8 @@ def run_esmc(
                   "epochs": epochs, "head_lr": head_lr, "space": space,
                   "keyword_source": keyword_source,
                   # dataset indices of the images Algorithm 1 sampled
-                  "localization_sample": [int(sample[i]) for i in loc.sample]},
+                  "localization_sample": [int(sample[i]) for i in loc.sample],
+                  # each target's sequence position, from the end (the second capture's)
+                  "target_positions": [tail[j] for _, j in targets]},
         meta={k: v for k, v in cache.meta.items() if k != "chat_template"},
     )

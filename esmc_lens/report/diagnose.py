@@ -115,7 +115,8 @@ def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
 
     if result.y_true is None or result.class_names is None:
         raise ConfigError("the run has no labels: a readout needs the criterion's classes")
-    positions = _target_sequence_positions(result)
+    # each target's position from the sequence's end (runs before it: from row 0's start)
+    positions = result.settings.get("target_positions") or _target_sequence_positions(result)
     seq = sorted(set(positions))
     cache = capture_target_cells(vlm, dataset, result.prompt, seq,
                                  sorted({s for s, _ in result.target}), cache_dir=cache_dir,
