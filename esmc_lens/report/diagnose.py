@@ -103,7 +103,7 @@ def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
 
     if result.y_true is None or result.class_names is None:
         raise ConfigError("the run has no labels: a readout needs the criterion's classes")
-    positions = [p for _, p in result.target_positions]
+    positions = [p for _, p in result.target_positions]  # from the sequence's end
     seq = sorted(set(positions))
     cache = capture_target_cells(vlm, dataset, result.prompt, seq,
                                  sorted({s for s, _ in result.target}), cache_dir=cache_dir,
