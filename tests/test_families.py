@@ -262,7 +262,7 @@ def test_run_esmc_end_to_end(fam, tmp_path):
     assert np.isfinite(res.scores["nmi_mean"]).all() and len(res.answers) == 8
     assert res.meta["family"] == vlm.family.key
     # the target, counted from the sequence's end, is one prompt token in all 8 images
-    stream, tail = res.target[0][0], res.settings["target_positions"]
+    stream, tail = res.target[0][0], [p for _, p in res.target_positions]
     assert all(t < 0 for t in tail)
     cells = capture_target_cells(vlm, images, prompt, sorted(set(tail)), [stream],
                                  batch_size=1, vision=False, progress=False)
