@@ -24,11 +24,11 @@ from ..cluster.metrics import accuracy, nmi
 from ..errors import ConfigError
 from ..lens.keyword_rule import keyword_token_ids
 
-__all__ = ["LensReadout", "lens_readout", "readout_for_run"]
+__all__ = ["ClassWordReadout", "lens_readout", "readout_for_run"]
 
 
 @dataclass
-class LensReadout:
+class ClassWordReadout:
     """The class word the lens favours at the target, per image, against the labels.
 
     words : the class names read, in ``class_names`` order.
@@ -59,7 +59,7 @@ def _as_probs(x: np.ndarray) -> np.ndarray:
 
 
 def lens_readout(features_vocab: np.ndarray, tokenizer, class_names: list[str],
-                 y_true: np.ndarray, n_top: int = 8) -> LensReadout:
+                 y_true: np.ndarray, n_top: int = 8) -> ClassWordReadout:
     """Score the lens's own reading of the target against the labels.
 
     features_vocab : [n_images, |V|] lens logits or probabilities at the target cell.
@@ -84,13 +84,13 @@ def lens_readout(features_vocab: np.ndarray, tokenizer, class_names: list[str],
     order = np.argsort(-counts, kind="stable")[:n_top]
     top_tokens = pd.DataFrame({"token": [tokenizer.decode([int(top[i])]) for i in order],
                                "images": counts[order]})
-    return LensReadout(words=list(class_names), read=read, crosstab=crosstab,
+    return ClassWordReadout(words=list(class_names), read=read, crosstab=crosstab,
                        nmi=nmi(y[seen], read[seen]), acc=accuracy(y[seen], read[seen]),
                        class_mass=float(mass.sum(axis=1).mean()), top_tokens=top_tokens)
 
 
 def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
-                    batch_size: int = 8, progress: bool = True) -> LensReadout:
+                    batch_size: int = 8, progress: bool = True) -> ClassWordReadout:
     """:func:`lens_readout` at a saved run's first target, on the run's own images.
 
     Recaptures the target cell exactly as :func:`~esmc_lens.pipeline.run_esmc` did (with
