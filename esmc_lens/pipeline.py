@@ -38,7 +38,7 @@ from .cluster.baselines import (
     kmeans_scores,
     output_baseline,
     score_table,
-    vision_baseline,
+    vision_baselines,
 )
 from .data.dataset import ImageDataset
 from .data.source import ImageSource
@@ -192,8 +192,7 @@ def run_esmc(
             batch = [source.load(i) for i in range(s, min(s + batch_size, source.n))]
             answers.extend(vlm.generate(batch, prompt, max_new_tokens=answer_tokens))
         per_seed["Output"] = output_baseline(answers, y, n_clusters, seeds=seeds)
-        per_seed["Vision only"] = vision_baseline(cache.vision.numpy(), y, n_clusters,
-                                                  seeds=seeds)
+        per_seed.update(vision_baselines(cache, y, n_clusters, seeds=seeds))
         timings["baselines"] = time.perf_counter() - t
     scores = score_table(per_seed) if y is not None else pd.DataFrame()
 

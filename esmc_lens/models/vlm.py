@@ -132,6 +132,22 @@ class VLM:
     def vision_tower(self) -> nn.Module:
         return _get(self.model, self.layout.vision_tower)
 
+    def vision_side(self, pixel_values: torch.Tensor, pooled: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        """What the vision side gives the language model about each image, as [B, d] blocks.
+
+        ``pooled`` [B, d_vision]: the vision tower's ``pooler_output`` for ``pixel_values``.
+        A tower with a ``vision_side`` method (the offline model's: EfficientNet's pooled
+        feature plus the colour reader's features) lists its own blocks; any other tower
+        (LLaVA's CLIP) gives its pooled feature alone, ``{"vision tower pooled": pooled}``.
+        The vision-only baseline clusters these blocks
+        (:func:`esmc_lens.cluster.baselines.vision_baselines`).
+        """
+        own = getattr(self.vision_tower, "vision_side", None)
+        if own is None:
+            return {"vision tower pooled": pooled.float()}
+        return own(pixel_values, pooled)
+
     @property
     def envoy(self):
         """The model wrapped by ``nnsight.NNsight`` (built once)."""
