@@ -22,8 +22,8 @@ widgets call (so they all compute the same thing, through the same disk cache):
    Algorithm 1 (:func:`~esmc_lens.localization.votes.localize`) picks each target;
 3. :func:`embed_criteria`: every image at its criterion's target cells only (the trace
    stops after the deepest target layer), read in ``space`` (lens probabilities, the
-   paper's vocabulary space, by default), plus the vision side's features for the
-   vision-only baseline;
+   paper's vocabulary space, by default), plus what the vision side gives the language
+   model (:meth:`~esmc_lens.models.vlm.VLM.vision_side`) for the vision-only baselines;
 4. :func:`cluster_criterion`: :class:`~esmc_lens.cluster.head.PseudoLabelHead`
    (Algorithm 2) over ``n_seeds`` seeds, and the baselines (k-means on the same
    embeddings, the Output baseline on generated answers, vision-only);
@@ -50,7 +50,7 @@ from .cluster.baselines import (
     kmeans_scores,
     output_baseline,
     score_table,
-    vision_baseline,
+    vision_baselines,
 )
 from .data.dataset import ImageDataset
 from .data.source import ImageSource
@@ -308,12 +308,14 @@ def generate_answers(vlm: VLM, images, prompt: str, batch_size: int = 8,
 def cluster_criterion(X: np.ndarray, y: np.ndarray | None, n_clusters: int, *, alpha: float,
                       seeds: Sequence[int], epochs: int = 100, head_lr: float = 1e-3,
                       baselines: bool = True, answers: Sequence[str] | None = None,
-                      vision: np.ndarray | None = None, progress: bool = True
+                      vision: ResidualCache | None = None, progress: bool = True
                       ) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
     """``({method: per-seed scores}, labels [n_images] of the first seed)``.
 
     ESMC is the head on ``X``; the baselines (with labels) are k-means on the same ``X``
-    ("ESMC w/o head"), the Output baseline on ``answers`` and k-means on ``vision``.
+    ("ESMC w/o head"), the Output baseline on ``answers`` and k-means on what the vision
+    side of the model gives its language model (``vision``: a capture with ``vision=True``;
+    :func:`~esmc_lens.cluster.baselines.vision_baselines` names each variant's inputs).
     Without labels every score is computed against a constant labelling and not reported.
     """
     y_eval = y if y is not None else np.zeros(X.shape[0], dtype=int)
@@ -325,8 +327,8 @@ def cluster_criterion(X: np.ndarray, y: np.ndarray | None, n_clusters: int, *, a
         per_seed["ESMC w/o head"] = kmeans_scores(X, y, n_clusters, seeds=seeds)
         if answers is not None:
             per_seed["Output"] = output_baseline(list(answers), y, n_clusters, seeds=seeds)
-        if vision is not None:
-            per_seed["Vision only"] = vision_baseline(vision, y, n_clusters, seeds=seeds)
+        if vision is not None and vision.vision is not None:
+            per_seed.update(vision_baselines(vision, y, n_clusters, seeds=seeds))
     return per_seed, np.asarray(labels[0])
 
 
@@ -415,10 +417,9 @@ def run_esmc(
                    if baselines and y is not None else None)
         t_ans = time.perf_counter() - t
         t = time.perf_counter()
-        vision = None if emb.cache.vision is None else emb.cache.vision.numpy()
         per_seed, labels = cluster_criterion(
             emb.X, y, ks[c.name], alpha=alpha, seeds=seeds, epochs=epochs, head_lr=head_lr,
-            baselines=baselines, answers=answers, vision=vision, progress=progress)
+            baselines=baselines, answers=answers, vision=emb.cache, progress=progress)
         clusters = name_clusters(emb.vocab, labels, vlm.tokenizer, keywords=kw.words,
                                  keyword_groups=keyword_token_ids(vlm.tokenizer, kw.words),
                                  y_true=y, class_names=names)

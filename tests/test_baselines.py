@@ -198,3 +198,66 @@ def test_format_exact_paper_like_strings():
     assert np.isnan(missing.loc["a", "ri_mean"])
     with pytest.raises(ConfigError):
         score_table({})
+
+
+def _cache_with_blocks(blocks: dict[str, np.ndarray]):
+    """A ResidualCache of len(first block) images whose vision side is ``blocks``."""
+    from esmc_lens.residual.cache import ResidualCache
+
+    n = len(next(iter(blocks.values())))
+    return ResidualCache(
+        states=torch.zeros(n, 1, 1, 2), positions=torch.zeros(n, 1, dtype=torch.long),
+        tokens=[["a"]] * n, image_span=torch.zeros(n, 2, dtype=torch.long), stream=[0],
+        image_ids=[str(i) for i in range(n)], prompts=["p"] * n,
+        meta={"vision_blocks": {k: v.shape[1] for k, v in blocks.items()}},
+        vision=torch.tensor(np.concatenate(list(blocks.values()), axis=1)))
+
+
+def test_vision_features_weigh_every_vision_side_block_alike():
+    """Each block is divided by the RMS of its rows' norms: a 2-d block of norm-5 rows and a
+    3-d block of norm-2 rows both end with RMS row norm 1; "pooled" is the first block raw."""
+    from esmc_lens.cluster.baselines import vision_features
+
+    pooled = np.array([[3.0, 4.0], [4.0, 3.0], [0.0, 5.0], [5.0, 0.0]])
+    colours = np.array([[2.0, 0, 0], [0, 2.0, 0], [0, 0, 2.0], [0, 2.0, 0]])
+    cache = _cache_with_blocks({"EfficientNet pooled": pooled, "colours": colours})
+    X, name = vision_features(cache)
+    assert name == "Vision only (all vision-side features)" and X.shape == (4, 5)
+    np.testing.assert_allclose(X[:, :2], pooled / 5, rtol=1e-7)
+    np.testing.assert_allclose(X[:, 2:], colours / 2, rtol=1e-7)
+    P, pname = vision_features(cache, "pooled")
+    assert pname == "Vision only (EfficientNet pooled)"
+    np.testing.assert_array_equal(P, pooled.astype(np.float32))
+    with pytest.raises(ConfigError, match="inputs="):
+        vision_features(cache, "colours")
+    # a cache saved before the block record: the tower's pooled feature alone, unscaled
+    cache.meta = {}
+    X1, name1 = vision_features(cache)
+    assert name1 == "Vision only (vision tower pooled)" and X1.shape == (4, 5)
+    np.testing.assert_array_equal(X1, cache.vision.numpy())
+    cache.meta = {"vision_blocks": {"a": 2, "b": 2}}
+    with pytest.raises(ConfigError, match="does not add up"):
+        vision_features(cache)
+
+
+def test_vision_baselines_fair_variant_sees_what_pooled_misses():
+    """Two blocks: the first (a large "pooled" feature) splits the images by a nuisance, the
+    second (small "colour" features) by the labels. Raw pooled k-means follows the nuisance
+    (NMI 0); the fair variant, each block weighted alike, finds the labels (NMI 1)."""
+    from esmc_lens.cluster.baselines import vision_baselines
+
+    y = np.array([0, 0, 1, 1] * 6)
+    nuisance = np.array([0, 1] * 12)
+    rng = np.random.default_rng(0)
+    pooled = 100.0 * nuisance[:, None] + rng.normal(0, 1, (24, 16))
+    pooled[:, 0] += 30.0 * y  # the label is in pooled too, below the nuisance
+    colour = np.eye(2)[y] + rng.normal(0, 0.01, (24, 2))
+    cache = _cache_with_blocks({"EfficientNet pooled": pooled, "colour": colour})
+    res = vision_baselines(cache, y, 2, seeds=range(3), n_init=10)
+    assert list(res) == ["Vision only (all vision-side features)",
+                         "Vision only (EfficientNet pooled)"]
+    assert (res["Vision only (all vision-side features)"]["nmi"] == 1.0).all()
+    assert (res["Vision only (EfficientNet pooled)"]["nmi"] < 1e-9).all()
+    one = vision_baselines(_cache_with_blocks({"vision tower pooled": pooled}), y, 2,
+                           seeds=[0])
+    assert list(one) == ["Vision only (vision tower pooled)"]

@@ -258,7 +258,10 @@ def test_run_esmc_end_to_end(fam, tmp_path):
                        keyword_source="user", n_seeds=1, n_samples=4, batch_size=4,
                        epochs=10, progress=False)
     assert res.labels.shape == (8,) and set(res.labels) <= set(range(4))
-    assert list(res.scores.index) == ["ESMC", "ESMC w/o head", "Output", "Vision only"]
+    vision = ("Vision only (mean image-token embedding)"
+              if vlm.family.vision_feature == "image_tokens" else
+              "Vision only (vision tower pooled)")
+    assert list(res.scores.index) == ["ESMC", "ESMC w/o head", "Output", vision]
     assert np.isfinite(res.scores["nmi_mean"]).all() and len(res.answers) == 8
     assert res.meta["family"] == vlm.family.key
     # the target, counted from the sequence's end, is one prompt token in all 8 images

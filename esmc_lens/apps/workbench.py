@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from ..cluster.baselines import embed_answers, head_scores, kmeans_scores, vision_baseline
+from ..cluster.baselines import embed_answers, head_scores, kmeans_scores, vision_baselines
 from ..data.dataset import ImageDataset, load_dataset
 from ..errors import ConfigError
 from ..lens.keyword_rule import keyword_token_ids
@@ -715,8 +715,7 @@ def main_results(bench: Workbench, criteria: Sequence[str] | None = None,
         ev = bench.evaluate(crit, loc)
         cache = bench.cache(crit)
         y, k = bench.y(crit), bench.n_clusters(crit)
-        ev = dict(ev) | {"Vision only": vision_baseline(cache.vision.numpy(), y, k,
-                                                        seeds=bench.seeds)}
+        ev = dict(ev) | vision_baselines(cache, y, k, seeds=bench.seeds)
         t1 = paper_row(bench.name, crit, "table1")
         t2 = paper_row(bench.name, crit, "table2")
         for method, df in ev.items():

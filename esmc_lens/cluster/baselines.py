@@ -14,7 +14,17 @@ and the columns of :func:`esmc_lens.cluster.metrics.clustering_scores` (``nmi``,
 * :func:`output_baseline`: the generated answers embedded by a text encoder, then k-means
   ("Output" in Table 3; the paper used CLIP's text encoder, the offline default is
   all-MiniLM-L6-v2).
-* :func:`vision_baseline`: k-means on pooled vision-encoder features ("vision-only").
+* :func:`vision_baseline`: k-means on vision-side features ("vision-only");
+  :func:`vision_baselines` scores both variants a capture supports, named by their inputs
+  (:func:`vision_features`): ``"Vision only (all vision-side features)"``, everything the
+  model's vision side hands its language model (the offline model: EfficientNet-Lite0's
+  pooled feature, the colour reader's 49 patch colour posteriors and its foreground colour
+  distribution, each block scaled to unit RMS norm), the fair comparison with ESMC, which
+  reads the same inputs through the LM; and ``"Vision only (<pooled block>)"``, the vision
+  tower's pooled feature alone (``"EfficientNet pooled"`` for the offline model). A real
+  LLaVA's language model sees its vision tower's output only, so its captures hold one
+  block, the tower's pooled feature, and give one row, ``"Vision only (vision tower
+  pooled)"``.
 
 Samples whose true label is missing (``y_true == -1``) are clustered with the others (they
 are part of the data) but dropped from every score, as :mod:`esmc_lens.cluster.metrics` does.
@@ -46,6 +56,8 @@ __all__ = [
     "score_table",
     "summarize",
     "vision_baseline",
+    "vision_baselines",
+    "vision_features",
 ]
 
 METRICS = ("nmi", "ri", "ari", "acc", "vi")
@@ -317,6 +329,12 @@ def output_baseline(
                          return_labels=return_labels)
 
 
+VISION_INPUTS = ("all", "pooled")
+_NO_VISION = ("no vision features: the cache was captured without them; "
+              "capture(..., vision=True)")
+ALL_VISION_NAME = "Vision only (all vision-side features)"
+
+
 def vision_baseline(
     vision_features: ArrayLike,
     y_true: ArrayLike,
@@ -325,23 +343,90 @@ def vision_baseline(
     n_init: int = 10,
     preprocess: str | None = None,
     return_labels: bool = False,
+    inputs: str = "all",
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
-    """k-means on pooled vision-encoder features ("vision-only" baseline).
+    """k-means on vision features ("vision-only" baseline).
 
     Parameters
     ----------
-    vision_features : array-like or torch.Tensor, shape (n_samples, d_vision), or an object
-        with a ``vision`` attribute holding one (a :class:`~esmc_lens.residual.cache.ResidualCache`
-        captured with ``vision=True``).
+    vision_features : array-like or torch.Tensor, shape (n_samples, d_vision), or a
+        :class:`~esmc_lens.residual.cache.ResidualCache` captured with ``vision=True``,
+        whose :func:`vision_features` with ``inputs`` are clustered.
+    inputs : "all" (default) or "pooled", for a cache (see :func:`vision_features`).
     Others : as :func:`kmeans_scores`.
     """
-    feats = getattr(vision_features, "vision", vision_features)
-    if feats is None:
-        raise ConfigError(
-            "no vision features: the cache was captured without them; capture(..., vision=True)"
-        )
+    if hasattr(vision_features, "vision_blocks"):
+        feats, _ = _cache_vision(vision_features, inputs)
+    else:
+        feats = getattr(vision_features, "vision", vision_features)
+        if feats is None:
+            raise ConfigError(_NO_VISION)
     return kmeans_scores(feats, y_true, n_clusters, seeds=seeds, n_init=n_init,
                          preprocess=preprocess, return_labels=return_labels)
+
+
+def vision_features(cache, inputs: str = "all") -> tuple[np.ndarray, str]:
+    """The vision-only baseline's features of a capture, and its method name.
+
+    Parameters
+    ----------
+    cache : :class:`~esmc_lens.residual.cache.ResidualCache` captured with ``vision=True``
+        (anything with ``vision`` [n, d] and ``vision_blocks()``).
+    inputs : "all" (default) or "pooled"
+        "all": every block the vision side gives the language model
+        (:meth:`~esmc_lens.models.vlm.VLM.vision_side`), side by side, each divided by the
+        root mean square of its rows' L2 norms over the images, so each block weighs the
+        same in k-means' squared distances whatever its width or units (label-free: only
+        the features are read). A single block is returned unscaled. "pooled": the first
+        block (the vision tower's pooled feature), unscaled.
+
+    Returns
+    -------
+    features : numpy.ndarray, shape (n_images, d), float32 or float64
+    name : str
+        ``"Vision only (all vision-side features)"`` for several blocks, else
+        ``"Vision only (<block name>)"``, e.g. ``"Vision only (EfficientNet pooled)"``.
+    """
+    return _cache_vision(cache, inputs)
+
+
+def _cache_vision(cache, inputs: str) -> tuple[np.ndarray, str]:
+    if inputs not in VISION_INPUTS:
+        raise ConfigError(f"inputs={inputs!r}: use one of {VISION_INPUTS}")
+    if getattr(cache, "vision", None) is None:
+        raise ConfigError(_NO_VISION)
+    X = _as_features(cache.vision)
+    blocks = cache.vision_blocks()
+    first = next(iter(blocks))
+    if inputs == "pooled" or len(blocks) == 1:
+        return X[:, blocks[first]], f"Vision only ({first})"
+    parts = []
+    for cols in blocks.values():
+        B = X[:, cols]
+        rms = float(np.sqrt(np.mean(np.sum(B.astype(np.float64) ** 2, axis=1))))
+        parts.append(B / rms if rms > 0 else B)
+    return np.concatenate(parts, axis=1).astype(X.dtype, copy=False), ALL_VISION_NAME
+
+
+def vision_baselines(
+    cache,
+    y_true: ArrayLike,
+    n_clusters: int,
+    seeds: Iterable[int] | int = range(10),
+    n_init: int = 10,
+) -> dict[str, pd.DataFrame]:
+    """Method name -> per-seed scores of each vision-only variant the capture supports.
+
+    The fair variant first (``inputs="all"``, :func:`vision_features`), then the pooled
+    feature alone when the vision side has more than that (the offline model); a capture
+    with one block (LLaVA) gives one entry. k-means as in :func:`kmeans_scores`.
+    """
+    variants = VISION_INPUTS if len(cache.vision_blocks()) > 1 else ("pooled",)
+    out = {}
+    for inputs in variants:
+        X, name = vision_features(cache, inputs)
+        out[name] = kmeans_scores(X, y_true, n_clusters, seeds=seeds, n_init=n_init)
+    return out
 
 
 # --------------------------------------------------------------------------- tables

