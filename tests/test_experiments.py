@@ -189,12 +189,12 @@ def test_lens_grid_reads_or_computes_the_keyword_probability(bench, tiny_vlm):
     j = [w.lower() for w in cache.keywords].index("red")
     np.testing.assert_allclose(g.to_numpy(), cache.keyword_probs[1, :, :, j].numpy())
     unembed = Unembed.from_model(tiny_vlm)
-    g2 = E.lens_grid(cache, 1, "mauve", unembed, tiny_vlm.tokenizer)
+    g2 = E.lens_grid(cache, 1, "brown", unembed, tiny_vlm.tokenizer)
     want = keyword_probs(cache.states[1].float(), unembed,
-                         keyword_token_ids(tiny_vlm.tokenizer, ["mauve"]).groups)[..., 0]
+                         keyword_token_ids(tiny_vlm.tokenizer, ["brown"]).groups)[..., 0]
     np.testing.assert_allclose(g2.to_numpy(), want.numpy(), rtol=1e-5)
     with pytest.raises(Exception, match="not scored"):
-        E.lens_grid(cache, 1, "mauve")
+        E.lens_grid(cache, 1, "brown")
 
 
 def test_ablation_tables_name_the_model_and_cap_the_sample(bench):
