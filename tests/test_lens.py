@@ -33,7 +33,14 @@ def test_readout_equals_full_softmax(tiny_vlm, states):
     torch.testing.assert_close(r.keyword_probs[..., 0], probs[..., 5] + probs[..., 9])
     torch.testing.assert_close(r.keyword_probs[..., 1], probs[..., 11])
     p, i = probs.topk(3, dim=-1)
-    assert torch.equal(r.top_ids, i)
+    # readout's 4-row chunks round otherwise than lens_probs' one 60-row product (~1e-9
+    # here): the ids are equal where the top 4 probabilities lie > 1e-6 apart (55 of the 60
+    # cells; the tiny model's are ~2e-3 each), and pick the top values everywhere
+    p4 = probs.topk(4, dim=-1).values
+    separated = (p4[..., :-1] - p4[..., 1:]).min(-1).values > 1e-6
+    assert separated.float().mean() > 0.9
+    assert torch.equal(r.top_ids[separated], i[separated])
+    torch.testing.assert_close(probs.gather(-1, r.top_ids), p)
     torch.testing.assert_close(r.top_probs, p)
     _, ti = top_k(states, u, k=3)
     assert torch.equal(ti, i)
