@@ -13,9 +13,9 @@ from conftest import (
 )
 
 from esmc_lens.errors import ConfigError
-from esmc_lens.lens.unembed import Unembed, lens_logits
+from esmc_lens.lens.unembed import DEFAULT_CHUNK, Unembed, lens_logits
 from esmc_lens.residual.cache import ResidualCache
-from esmc_lens.residual.capture import capture, resolve_positions
+from esmc_lens.residual.capture import LENS_CHUNK_BYTES, capture, resolve_positions
 
 PROMPTS = [
     "The color of the flower is",
@@ -165,6 +165,10 @@ def test_capture_readouts_match_lens_of_states(tiny_vlm):
                     top_k=4, store_dtype=torch.float32, progress=False)
     probs = torch.softmax(lens_logits(cache.states, Unembed.from_model(tiny_vlm)), -1)
     top_p, top_i = probs.topk(4, dim=-1)
+    # exact ids: lens_logits and capture both read the 2 x S x P rows in one chunk (the
+    # same product; a chunk of other rows would round otherwise)
+    assert cache.states.numel() // cache.d_model <= min(DEFAULT_CHUNK, LENS_CHUNK_BYTES // (
+        4 * tiny_vlm.vocab_size))
     assert torch.equal(cache.top_ids, top_i)
     torch.testing.assert_close(cache.top_probs, top_p, rtol=1e-5, atol=1e-6)
     from esmc_lens.lens.keyword_rule import keyword_token_ids

@@ -37,7 +37,7 @@ def test_lens_json(tmp_path, capsys, tiny_vlm):
             assert 0 < sum(probs) <= 1 + 1e-6
 
 
-def test_run_writes_results_and_assignments(tmp_path, synth, capsys):
+def test_run_writes_results_and_assignments(tmp_path, synth, capsys, tiny_vlm):
     out = tmp_path / "run"
     rc = main(["run", "--model", "tiny", "--data", str(synth), "--criterion", "color",
                "--prompt", "The color of the object is", "--keywords", "red,green,blue,yellow",
@@ -58,9 +58,27 @@ def test_run_writes_results_and_assignments(tmp_path, synth, capsys):
     assert len(df) == 16 and set(df["true_label"]) == {"red", "green", "blue", "yellow"}
     names = {c["cluster"]: c["name"] for c in res["clusters"]}
     assert all(names[c] == n for c, n in zip(df["cluster"], df["cluster_name"], strict=True))
+    # the scores are those of the written labels: seed 0's labels are the assignments, the
+    # reported NMI/RI are the mean of the per-seed rows
+    per_seed = pd.read_csv(out / "per_seed_ESMC.csv", index_col=0)
+    assert list(per_seed.index) == [0, 1]
+    y_true = df["true_label"].to_numpy()
+    assert per_seed.loc[0, "nmi"] == pytest.approx(nmi(y_true, df["cluster"]), abs=1e-12)
+    assert per_seed.loc[0, "acc"] == pytest.approx(accuracy(y_true, df["cluster"]), abs=1e-12)
+    for m in ("nmi", "ri", "ari", "acc"):
+        assert res["scores"][m] == pytest.approx(per_seed[m].mean(), abs=1e-12), m
+    # each cluster's size, majority label and purity are those of its assigned images
+    for c in res["clusters"]:
+        members = df.loc[df["cluster"] == c["cluster"], "true_label"]
+        counts = members.value_counts()
+        assert c["size"] == len(members) and c["majority_label"] in counts.index[
+            counts == counts.max()]
+        # (results.json keeps 10 digits of a cluster table: pandas to_json)
+        assert c["purity"] == pytest.approx(counts.max() / len(members), abs=1e-9)
     assert main(["table", str(out), "--dataset", "flower"]) == 0
     table = capsys.readouterr().out
     assert "| color | ESMC |" in table and "0.7283" in table  # paper's number, labelled
+    assert f"{res['scores']['nmi']:.4f}" in table  # and this run's, beside it
     # diagnose: the lens's class-word reading at the run's target, scored against the labels
     assert main(["diagnose", str(out), "--data", str(synth), "--json", "--quiet"]) == 0
     diag = json.loads(capsys.readouterr().out)
@@ -72,7 +90,15 @@ def test_run_writes_results_and_assignments(tmp_path, synth, capsys):
     read = np.concatenate([np.repeat(np.arange(table.shape[1]), row) for row in table.to_numpy()])
     assert diag["readout_nmi"] == pytest.approx(nmi(true, read), abs=1e-12)
     assert diag["readout_acc"] == pytest.approx(accuracy(true, read), abs=1e-12)
-    assert 0 < diag["class_mass"] <= 1
+    # the class-word mass of this run's target on its images (same capture, same shapes)
+    from esmc_lens.data.dataset import load_dataset
+    from esmc_lens.report.diagnose import readout_for_run
+    from esmc_lens.report.result import EsmcResult
+
+    direct = readout_for_run(tiny_vlm, load_dataset(synth), EsmcResult.load(out),
+                             progress=False)
+    assert diag["class_mass"] == pytest.approx(direct.class_mass, rel=1e-12)
+    assert 0 < direct.class_mass < 1
 
 
 def test_bad_criterion_exits_2_without_traceback(synth, capsys, tmp_path):

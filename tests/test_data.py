@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image
 
 from esmc_lens.data import dataset as data_mod
@@ -14,7 +15,7 @@ from esmc_lens.data.dataset import ImageDataset, load_dataset
 from esmc_lens.data.images import to_rgb
 from esmc_lens.errors import DataError, EsmcError, ImageError
 
-FLOWER = Path(__file__).resolve().parents[2] / "shared/data/esmc/flower"
+FLOWER = SHARED_DATA / "flower"  # ESMC_DATA, else ../shared/data/esmc beside the clone
 
 
 def _img(path: Path, color: tuple[int, int, int] = (200, 10, 10), size: int = 8) -> Path:

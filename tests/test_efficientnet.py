@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from esmc_lens.models import weights
 from esmc_lens.models.efficientnet import (
@@ -17,7 +16,7 @@ from esmc_lens.models.efficientnet import (
     short_class_names,
 )
 
-DAISY_DIR = Path(__file__).resolve().parents[2] / "shared/data/esmc/flower/species/daisy"
+DAISY_DIR = SHARED_DATA / "flower" / "species" / "daisy"  # ESMC_DATA, else ../shared
 
 CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 COFFEE_CLASSES = {504, 967, 968}  # coffee mug, espresso, cup

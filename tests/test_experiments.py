@@ -91,6 +91,26 @@ def bench(tiny_vlm, tmp_path_factory):
                             figures=out / "figures", n_synthetic=8, verbose=False)
 
 
+def recomputed(bench, criterion, n_samples=None, alpha=None, kmeans=False):
+    """Mean ESMC (or k-means) NMI at the targets localized from ``n_samples`` images,
+    computed here from the library's pieces, outside the workbench and its caches."""
+    from esmc_lens.cluster.baselines import head_scores
+    from esmc_lens.localization.targets import target_embeddings
+    from esmc_lens.localization.votes import localize
+
+    s = bench.settings
+    cache = bench.cache(criterion)
+    loc = localize(E.keyword_view(cache, bench.keywords(criterion)), tau=0.2,
+                   n_samples=n_samples or s.n_samples, seed=bench.seed)
+    X = target_embeddings(cache, loc, space="probs", unembed=bench.unembed)
+    y, k = bench.y(criterion), bench.n_clusters(criterion)
+    if kmeans:
+        return loc, kmeans_scores(X, y, k, seeds=bench.seeds)["nmi"].mean()
+    df = head_scores(X, y, k, s.alpha if alpha is None else alpha, seeds=bench.seeds,
+                     epochs=s.epochs)
+    return loc, df["nmi"].mean()
+
+
 def test_workbench_falls_back_to_the_synthetic_dataset_and_keeps_few_images(bench, tmp_path):
     assert bench.name == "synthetic" and "ESMC_DATA is not set" in bench.source_note
     assert next(iter(bench.criteria)) == "color" and bench.focus == ["color"]
@@ -169,12 +189,12 @@ def test_lens_grid_reads_or_computes_the_keyword_probability(bench, tiny_vlm):
     j = [w.lower() for w in cache.keywords].index("red")
     np.testing.assert_allclose(g.to_numpy(), cache.keyword_probs[1, :, :, j].numpy())
     unembed = Unembed.from_model(tiny_vlm)
-    g2 = E.lens_grid(cache, 1, "mauve", unembed, tiny_vlm.tokenizer)
+    g2 = E.lens_grid(cache, 1, "brown", unembed, tiny_vlm.tokenizer)
     want = keyword_probs(cache.states[1].float(), unembed,
-                         keyword_token_ids(tiny_vlm.tokenizer, ["mauve"]).groups)[..., 0]
+                         keyword_token_ids(tiny_vlm.tokenizer, ["brown"]).groups)[..., 0]
     np.testing.assert_allclose(g2.to_numpy(), want.numpy(), rtol=1e-5)
     with pytest.raises(Exception, match="not scored"):
-        E.lens_grid(cache, 1, "mauve")
+        E.lens_grid(cache, 1, "brown")
 
 
 def test_ablation_tables_name_the_model_and_cap_the_sample(bench):
@@ -182,8 +202,13 @@ def test_ablation_tables_name_the_model_and_cap_the_sample(bench):
     t6 = E.sample_size_ablation(bench, "color", sizes=(3, 50))
     assert list(t6["n_sampled"]) == [3, n]
     assert (t6["model"] == bench.model).all() and (t6["dataset"] == "synthetic").all()
-    assert t6["target"].str.startswith("E_").all()
-    assert ((t6["nmi_mean"] >= 0) & (t6["nmi_mean"] <= 1)).all()
+    # each row is the run it names: localized from that many images, scored there
+    n_kw = len(bench.keywords("color").words)
+    for (_, row), size in zip(t6.iterrows(), (3, 50), strict=True):
+        loc, nmi_mean = recomputed(bench, "color", n_samples=size)
+        assert row["votes"] == f"{loc.max_votes}/{min(size, n) * n_kw}"
+        assert row["target"] == ", ".join(loc.label(c) for c in loc.targets)
+        assert row["nmi_mean"] == pytest.approx(nmi_mean, abs=1e-12)
     t7 = E.keyword_source_ablation(bench, "color")
     assert list(t7["keyword_source"]) == ["user", "lm", "class_names"]
     assert (t7["model"] == bench.model).all()
@@ -194,6 +219,8 @@ def test_ablation_tables_name_the_model_and_cap_the_sample(bench):
 def test_alpha_sweep_and_its_kmeans_baseline(bench):
     sweep, base = E.alpha_sweep(bench, "color", [0.2, 0.6])
     assert list(sweep["alpha"]) == [0.2, 0.6] and (sweep["model"] == bench.model).all()
+    for alpha, nmi_mean in zip(sweep["alpha"], sweep["nmi_mean"], strict=True):
+        assert nmi_mean == pytest.approx(recomputed(bench, "color", alpha=alpha)[1], abs=1e-12)
     loc = bench.localize("color")
     X = bench.features("color", loc)
     km = kmeans_scores(X, bench.y("color"), bench.n_clusters("color"), seeds=bench.seeds)
@@ -208,6 +235,11 @@ def test_main_results_and_failure_cases(bench):
     # the tiny LLaVA's vision side is its tower's pooled feature: one vision-only row
     assert set(res["method"]) == {"ESMC", "ESMC w/o head", "Vision only (vision tower pooled)"}
     assert (res["model"] == bench.model).all()
+    # each method's row holds that method's scores
+    by = res.set_index("method")["nmi_mean"]
+    assert by["ESMC"] == pytest.approx(recomputed(bench, "color")[1], abs=1e-12)
+    assert by["ESMC w/o head"] == pytest.approx(recomputed(bench, "color", kmeans=True)[1],
+                                                abs=1e-12)
     paper_cols = [c for c in res.columns if c.startswith("paper_")]
     assert paper_cols and all(PAPER_MODEL in c for c in paper_cols)
     assert res[paper_cols].isna().all().all()  # the paper has no synthetic dataset
@@ -225,6 +257,10 @@ def test_prompt_robustness_captures_each_variant(bench):
     assert list(t5["variant"]) == ["Original", "Variant 1", "Variant 2", "Variant 3"]
     assert len(set(t5["prompt"])) == 4 and set(locs) == {("color", v) for v in t5["variant"]}
     assert (t5["model"] == bench.model).all()
+    # the original form is the criterion's own prompt: the main evaluation's capture and NMI
+    original = t5.set_index("variant").loc["Original"]
+    assert original["prompt"] == bench.criteria["color"].prompt
+    assert original["nmi_mean"] == pytest.approx(recomputed(bench, "color")[1], abs=1e-12)
     some, _ = E.prompt_robustness(bench, ["color"], variants=["Original", "Variant 2"])
     assert list(some["variant"]) == ["Original", "Variant 2"]
     pd.testing.assert_frame_equal(some.reset_index(drop=True),

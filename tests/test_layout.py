@@ -96,3 +96,18 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert cycles == []
+
+
+def test_console_scripts_name_functions_that_exist():
+    """``esmc-lens`` (``make demo``, the README) runs the function pyproject.toml names."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    scripts = tomllib.loads((PKG.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts, "pyproject.toml declares no console script"
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert (PKG.parent / Path(*module.split("."))).with_suffix(".py").is_file(), (
+            f"{name} = {target!r}: no module {module}")
+        assert callable(getattr(importlib.import_module(module), attr, None)), (name, target)

@@ -9,11 +9,13 @@ Executing every notebook is ``make notebooks`` (nbmake, quick mode); here:
   ``chromium-driver`` with Selenium), runs all cells and must render its cluster browser
   widget; a screenshot is kept in ``test-artifacts/`` (git-ignored). Skipped, with the
   reason, where Chromium, its driver, Selenium or JupyterLab are missing (Selenium and
-  JupyterLab come with ``pip install -e '.[dev]'``).
+  JupyterLab come with ``pip install -e '.[dev]'``); under ``CI=true`` that is a failure
+  (``.ci/run`` installs Chromium).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -100,16 +102,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _missing(reason: str) -> None:
+    """Skip on a user's machine; fail in CI (CI=true), which installs Chromium (.ci/run)."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"CI=true but {reason}: .ci/run installs Chromium (as root) and "
+                    "`make test` the Python packages")
+    pytest.skip(reason)
+
+
 def _browser_prerequisites() -> tuple[str, str]:
     chromium = _find("chromium", "chromium-browser", "google-chrome")
     driver = _find("chromedriver")
     if chromium is None or driver is None:
-        pytest.skip("Chromium or chromedriver is not installed (Debian: apt-get install "
-                    "chromium chromium-driver); the JupyterLab test needs both")
-    pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
-    pytest.importorskip("jupyterlab", reason="jupyterlab is not installed "
-                        "(pip install 'esmc_lens[notebooks]')")
-    pytest.importorskip("ipywidgets", reason="ipywidgets is not installed")
+        _missing("Chromium or chromedriver is not installed (Debian: apt-get install "
+                 "chromium chromium-driver); the JupyterLab test needs both")
+    for module, fix in (("selenium", "pip install selenium"),
+                        ("jupyterlab", "pip install 'esmc_lens[notebooks]'"),
+                        ("ipywidgets", "pip install ipywidgets")):
+        if importlib.util.find_spec(module) is None:
+            _missing(f"{module} is not installed ({fix})")
     return chromium, driver
 
 

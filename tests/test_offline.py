@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from conftest import SOLID_COLOURS, solid
@@ -29,12 +27,16 @@ def test_module_layout_is_llava(offline_vlm):
     assert m.config.esmc_offline["name"] == "offline"
 
 
-def test_second_load_is_fast(offline_vlm):
+def test_second_load_reads_the_cache(offline_vlm, monkeypatch):
+    """Converted once, then read from the cache (no timing here: speed lives in benchmarks)."""
+    import esmc_lens.models.offline as offline
     from esmc_lens.models.vlm import load_model
 
-    t0 = time.perf_counter()
+    def no_convert(*args, **kwargs):
+        raise AssertionError("the offline model was converted again")
+
+    monkeypatch.setattr(offline, "convert", no_convert)
     again = load_model("offline")
-    assert time.perf_counter() - t0 < 10  # converted once, then read from the cache
     for (n, p), (_, q) in zip(offline_vlm.model.state_dict().items(),
                               again.model.state_dict().items(), strict=True):
         assert torch.equal(p, q), n
@@ -98,6 +100,10 @@ def test_fp16_reads_the_same_colours_as_fp32(offline_vlm):
     assert torch.equal(c16.keyword_probs[:, -1, 0].argmax(-1), torch.arange(len(names)))
     assert torch.equal(c32.keyword_probs[:, -1, 0].argmax(-1), torch.arange(len(names)))
     torch.testing.assert_close(c16.keyword_probs, c32.keyword_probs, rtol=0.05, atol=2e-3)
+    # the same top token: two computations, so an ordering claim with its margin (fp32's top
+    # two tokens lie further apart than the fp16 model moves a probability)
+    top = c32.top_probs[:, -1, 0]
+    assert ((top[:, 0] - top[:, 1]) > 2 * ((c16.top_probs - c32.top_probs).abs().max())).all()
     assert torch.equal(c16.top_ids[:, -1, 0, 0], c32.top_ids[:, -1, 0, 0])
 
 

@@ -33,14 +33,7 @@ def test_question_for_prompt():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("criterion", [
-    "color", "shape",
-    # Known failure, kept visible: the offline model's foreground-colour token makes "The
-    # color of the background is" read the object (NMI 0.24 vs chance 0.27 on 32 images).
-    pytest.param("background", marks=pytest.mark.xfail(
-        reason="offline model does not separate background colours (see README)",
-        strict=False)),
-])
+@pytest.mark.parametrize("criterion", ["color", "shape"])  # background: see the next test
 def test_offline_recovers_planted_structure(offline_vlm, synth, criterion, tmp_path):
     prompt = SYNTHETIC_PROMPTS[criterion]
     # the default, label-free keywords: the offline model's own language model's answer
@@ -65,3 +58,19 @@ def test_offline_recovers_planted_structure(offline_vlm, synth, criterion, tmp_p
     back = EsmcResult.load(tmp_path / criterion)
     assert np.array_equal(back.labels, res.labels) and back.target == res.target
     assert back.scores.equals(res.scores) and back.clusters.equals(res.clusters)
+
+
+@pytest.mark.slow
+def test_offline_background_reads_the_object_colour(offline_vlm, synth):
+    """Known failure, kept visible and asserted (README): the offline model's colour token
+    makes "The color of the background is" read the object, so its clusters follow the
+    object's colour, not the background's (NMI 0.51 vs 0.24 on 32 images; chance 0.29 and
+    0.27). A fix fails this test: then assert the recovered background instead."""
+    res = run_esmc(offline_vlm, synth, SYNTHETIC_PROMPTS["background"], criterion="background",
+                   n_seeds=1, n_samples=8, baselines=False, progress=False)
+    assert set(res.keywords.sources) == {"lm"}
+    by_object = nmi(synth.y("color"), res.labels)
+    by_background = nmi(synth.y("background"), res.labels)
+    print(res.target_labels, res.keywords.words, by_object, by_background)
+    assert by_object > chance_nmi(synth.y("color"), 4), by_object
+    assert by_object > by_background + 0.1, (by_object, by_background)
