@@ -268,3 +268,27 @@ def test_format_table_rounds_and_drops_helpers():
                        "x": [0.123456]})
     out = E.format_table(df)
     assert list(out.columns) == ["nmi", "ri_mean", "x"] and out["x"].iloc[0] == 0.1235
+
+
+def test_the_papers_numbers_stand_beside_ours_and_other_datasets_are_flagged():
+    from esmc_lens.report.paper_numbers import beside_paper
+
+    ours = pd.DataFrame({"criterion": ["color", "color", "species", "color"],
+                         "method": ["ESMC", "Output", "ESMC", "Vision only"]})
+    t3 = beside_paper(ours, "table3", "flower", ("nmi", "ri"))
+    assert list(t3[f"paper_nmi ({PAPER_MODEL})"])[:3] == [0.7283, 0.6698, 0.8923]
+    assert t3[f"paper_ri ({PAPER_MODEL})"].iloc[0] == 0.8982
+    assert list(t3["paper_dataset"]) == ["Flower", "Flower", "Flower", ""]
+    assert np.isnan(t3[f"paper_nmi ({PAPER_MODEL})"].iloc[3])  # no vision-only row
+    t6 = beside_paper(pd.DataFrame({"criterion": ["color"], "n_samples": [5]}), "table6",
+                      "flower")
+    assert t6[f"paper_nmi ({PAPER_MODEL})"].iloc[0] == 0.8138
+    assert t6["paper_dataset"].iloc[0] == "Stanford_Cars (other dataset)"
+    t5 = beside_paper(pd.DataFrame({"criterion": ["color"], "variant": ["Variant 2"]}),
+                      "table5", "flower", ("nmi", "ri"))
+    assert t5[f"paper_ri ({PAPER_MODEL})"].iloc[0] == 0.9257
+    t4 = beside_paper(pd.DataFrame({"criterion": ["color"]}), "table4", "flower")
+    assert t4[f"paper_head_train_s ({PAPER_MODEL})"].iloc[0] == 0.4472
+    none = beside_paper(ours.head(1), "table1", "synthetic")
+    assert np.isnan(none[f"paper_nmi ({PAPER_MODEL})"].iloc[0])
+    assert none["paper_dataset"].iloc[0] == ""
