@@ -303,3 +303,19 @@ def test_cluster_browser_thumbnails_open_in_a_linked_lens_explorer(tiny_vlm, cac
     assert cb.open_in_lens(2) is False  # "zz" is not in the lens explorer's capture
     cb.body.children[0].children[1].children[0].children[-1].click()  # image 0, id "c"
     assert lens.image.value == list(cache.image_ids).index("c")
+
+
+def test_keyword_grid_reads_the_capture_or_computes_from_the_states(tiny_vlm, cache):
+    from esmc_lens.localization.grid import keyword_grid
+
+    g = keyword_grid(cache, 1, "RED")
+    assert g.attrs["source"] == "capture" and list(g.index) == cache.stream
+    np.testing.assert_array_equal(g.to_numpy(), cache.keyword_probs[1, :, :, 0].numpy())
+    unembed = Unembed.from_model(tiny_vlm)
+    g2 = keyword_grid(cache, 1, "mauve", unembed, tiny_vlm.tokenizer)
+    want = keyword_probs(cache.states[1].float(), unembed,
+                         keyword_token_ids(tiny_vlm.tokenizer, ["mauve"]).groups)[..., 0]
+    np.testing.assert_array_equal(g2.to_numpy(), want.numpy())
+    assert g2.attrs["source"] == "states" and g2.attrs["tokens"]
+    with pytest.raises(Exception, match="not scored"):
+        keyword_grid(cache, 1, "mauve")

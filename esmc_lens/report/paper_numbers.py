@@ -273,8 +273,8 @@ def beside_paper(ours: pd.DataFrame, table: str, dataset: str,
     table = table.lower()
     df = ours.copy()
     found = [_paper_match(r, table, dataset, metrics) for _, r in df.iterrows()]
-    cols = (["head_train_s"] if table == "table4"
-            else [m for m in ("nmi", "ri") if any(m in v for _, v in found)] or list(metrics))
+    cols = {"table1": ["nmi"], "table2": ["ri"], "table4": ["head_train_s"]}.get(
+        table, list(metrics))
     for m in cols:
         vals = [v.get(m) for _, v in found]
         df[f"paper_{m} ({PAPER_MODEL})"] = pd.array(

@@ -80,7 +80,7 @@ def style_rc(font_size: float = 8.0) -> dict:
         "font.size": font_size, "axes.titlesize": font_size + 1, "axes.labelsize": font_size,
         "xtick.labelsize": font_size - 1, "ytick.labelsize": font_size - 1,
         "legend.fontsize": font_size - 1, "axes.prop_cycle": cycler(color=PALETTE),
-        "image.cmap": "viridis", "savefig.dpi": SAVE_DPI,
+        "image.cmap": "viridis", "figure.dpi": 150, "savefig.dpi": SAVE_DPI,
         "savefig.bbox": "tight", "pdf.fonttype": 42, "ps.fonttype": 42,
         "axes.spines.top": False, "axes.spines.right": False,
     }
@@ -552,9 +552,11 @@ def specificity_figure(df, criterion: str, other: str, model: str, quick: bool =
 
 #: Table 4's columns as a reader names them.
 COST_LABELS = {
+    "localization_s": "localization: capture of the sampled images + vote (Algorithm 1)",
     "localization_capture_s": "localization capture (sampled images, every cell)",
     "vote_s": "vote (Algorithm 1)",
     "target_capture_s": "target capture (every image, target cell)",
+    "total_s": "whole run",
 }
 
 
@@ -571,7 +573,8 @@ def cost_figure(df, model: str, quick: bool = False):
     """Table 4 as bars: seconds per step and criterion (log scale: steps differ by orders
     of magnitude), legend in words."""
     cols = [c for c in df.columns if c.endswith("_s") or "_s (" in c]
-    cols = [c for c in cols if c != "capture_per_image_s" and not c.startswith("paper")]
+    cols = [c for c in cols if c not in ("capture_per_image_s", "total_s")
+            and not c.startswith("paper")]
     with figure_style("two"):
         fig, ax = _fig("two", height=2.8, layout="constrained")
         crits = list(df["criterion"])
@@ -585,4 +588,26 @@ def cost_figure(df, model: str, quick: bool = False):
         ax.set_ylabel("seconds (log)")
         fig.legend(fontsize=6, loc="outside right center", frameon=False)
         stamp(fig, f"Table 4: wall time per step on {df['device'].iloc[0]}", model, quick)
+    return fig
+
+
+def stream_figure(cache, image: int, grid, keyword: str, model: str, quick: bool = False):
+    """How the residual stream grows and when the keyword appears, at the last prompt
+    position of one image: left the norm of the state per layer, right the keyword's lens
+    probability (log) per layer. ``grid``: the image's keyword grid
+    (:func:`esmc_lens.localization.grid.keyword_grid`)."""
+    norms = cache.states[image, :, -1].float().norm(dim=-1).numpy()
+    with figure_style("two"):
+        fig, (a, b) = _fig("two", height=2.4, nrows=1, ncols=2, layout="constrained")
+        a.plot(cache.stream, norms, marker="o", ms=2, color=method_color("ESMC"))
+        a.set_xlabel("layer (0 = embeddings)")
+        a.set_ylabel("|h| at the last position")
+        b.plot(grid.index, np.maximum(grid.iloc[:, -1].to_numpy(dtype=float), PROB_FLOOR),
+               marker="o", ms=2, color=method_color("ESMC"))
+        b.set_yscale("log")
+        b.set_ylim(PROB_FLOOR, 1.5)
+        b.set_xlabel("layer (0 = embeddings)")
+        b.set_ylabel(f"p('{keyword}') (log)")
+        stamp(fig, f"{cache.image_ids[image]}, last prompt token "
+                   f"({token_label(cache.tokens[image][-1])})", model, quick)
     return fig
