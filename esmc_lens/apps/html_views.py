@@ -196,13 +196,16 @@ window.esmcLib = window.esmcLib || {
 };
 """
 
-_JS_LENS = """
-(function() {
+# Each view's script: the data and the live part of its own element (the static PNG hidden).
+_JS_OPEN = """(function() {
   var root = document.getElementById(%(id)s), D = JSON.parse(root.querySelector(
       'script[type="application/json"]').textContent), L = window.esmcLib;
   root.querySelector('.esmc-fallback').style.display = 'none';
   var live = root.querySelector('.esmc-live'); live.style.display = '';
   var q = function(c) { return live.querySelector('.' + c); };
+"""
+
+_JS_LENS = """
   var img = q('esmc-image'), layer = q('esmc-layer'), pos = q('esmc-position'),
       kw = q('esmc-keyword');
   img.max = D.images.length - 1; layer.max = D.layers.length - 1;
@@ -258,16 +261,9 @@ _JS_LENS = """
     var r = D.layers.indexOf(layerValue); if (r >= 0) select(state.image, r, p);
     root.scrollIntoView({block: 'nearest'}); }};
   render();
-})();
 """
 
 _JS_VOTES = """
-(function() {
-  var root = document.getElementById(%(id)s), D = JSON.parse(root.querySelector(
-      'script[type="application/json"]').textContent), L = window.esmcLib;
-  root.querySelector('.esmc-fallback').style.display = 'none';
-  var live = root.querySelector('.esmc-live'); live.style.display = '';
-  var q = function(c) { return live.querySelector('.' + c); };
   var tau = q('esmc-tau'), kw = q('esmc-keywords');
   tau.value = D.tau; kw.value = D.start.join(', ');
   function render() {
@@ -307,7 +303,6 @@ _JS_VOTES = """
   }
   tau.oninput = render; kw.oninput = render;
   render();
-})();
 """
 
 
@@ -323,7 +318,8 @@ def _shell(element_id: str, kind: str, title: str, data: dict, controls: str, bo
             f"<div class='esmc-live' style='display:none'><div class='esmc-controls'>{controls}"
             f"</div><div class='esmc-status'></div>{body}</div>"
             f"<script type='application/json'>{payload}</script>"
-            f"<script>{_JS_COMMON}{script % {'id': json.dumps(element_id)}}</script></div>")
+            f"<script>{_JS_COMMON}{(_JS_OPEN + script) % {'id': json.dumps(element_id)}}"
+            "})();</script></div>")
 
 
 def _labels(cache: ResidualCache) -> list[str]:
