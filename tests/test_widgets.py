@@ -312,10 +312,10 @@ def test_keyword_grid_reads_the_capture_or_computes_from_the_states(tiny_vlm, ca
     assert g.attrs["source"] == "capture" and list(g.index) == cache.stream
     np.testing.assert_array_equal(g.to_numpy(), cache.keyword_probs[1, :, :, 0].numpy())
     unembed = Unembed.from_model(tiny_vlm)
-    g2 = keyword_grid(cache, 1, "mauve", unembed, tiny_vlm.tokenizer)
+    g2 = keyword_grid(cache, 1, "blue", unembed, tiny_vlm.tokenizer)
     want = keyword_probs(cache.states[1].float(), unembed,
-                         keyword_token_ids(tiny_vlm.tokenizer, ["mauve"]).groups)[..., 0]
+                         keyword_token_ids(tiny_vlm.tokenizer, ["blue"]).groups)[..., 0]
     np.testing.assert_array_equal(g2.to_numpy(), want.numpy())
     assert g2.attrs["source"] == "states" and g2.attrs["tokens"]
     with pytest.raises(Exception, match="not scored"):
-        keyword_grid(cache, 1, "mauve")
+        keyword_grid(cache, 1, "blue")

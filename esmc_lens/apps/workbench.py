@@ -26,7 +26,6 @@ every labelled image, 10 seeds and the paper's 100 epochs.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,18 +35,27 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..cluster.baselines import embed_answers, head_scores
+from ..cluster.baselines import embed_answers
 from ..cluster.head import PseudoLabelHead
 from ..data.dataset import ImageDataset, load_dataset
 from ..errors import ConfigError
 from ..lens.keyword_rule import keyword_token_ids
 from ..lens.unembed import Unembed
 from ..localization.grid import keyword_grid
-from ..localization.keywords import Keywords, class_name_keywords, merge, user_keywords
-from ..localization.targets import target_embeddings
+from ..localization.keywords import Keywords, choose_keywords, merge
+from ..localization.votes import Localization
 from ..models.vlm import VLM, load_model
-from ..pipeline import capture_fn, capture_target_cells, run_esmc
-from ..report.naming import clean_token
+from ..pipeline import (
+    Criterion,
+    CriterionEmbedding,
+    capture_fn,
+    cluster_criterion,
+    embed_criteria,
+    localization_sample,
+    localize_criteria,
+    run_esmc,
+)
+from ..report.naming import as_probs, clean_token
 from ..report.paper_numbers import PAPER_MODEL, beside_paper
 from ..report.plotting import provenance
 from ..report.result import EsmcResult
@@ -198,20 +206,6 @@ class Settings:
         return cls(per_class=None, n_seeds=10, epochs=100, n_samples=10, alpha=0.3)
 
 
-_TARGET = re.compile(r"^E_(\d+)\((-?\d+):")
-
-
-def target_positions(res: EsmcResult) -> list[int]:
-    """Sequence positions of a run's target cells (from its ``E_l(seq:token)`` labels)."""
-    seq = []
-    for lab in res.target_labels:
-        m = _TARGET.match(lab)
-        if m is None:
-            raise ConfigError(f"cannot read the sequence position of target {lab!r}")
-        seq.append(int(m.group(2)))
-    return seq
-
-
 @dataclass
 class Workbench:
     """Model, dataset and settings of a notebook; runs of the pipeline, kept for reuse.
@@ -350,24 +344,15 @@ class Workbench:
         key = ("kw", criterion, source)
         if key not in self._memo:
             spec = self.criteria[criterion]
-            if source == "user":
-                if not spec.keywords:
-                    raise ConfigError(f"no user keyword list is written for {criterion!r}: "
-                                      "use source='lm', or add one to KNOWN_CRITERIA")
-                kw = user_keywords(list(spec.keywords))
-            elif source == "lm":
-                from ..localization.keywords import choose_keywords
-
-                kw = choose_keywords(self.vlm, spec.prompt, None, self.images(criterion),
-                                     criterion, "lm")
-                if not kw.words:
-                    raise ConfigError(f"the local LM answered no usable {criterion} keyword "
-                                      f"(asked {kw.question!r}, answered {kw.raw!r})")
-            elif source == "class_names":
-                kw = class_name_keywords(self.dataset, criterion)
-            else:
+            if source == "user" and not spec.keywords:
+                raise ConfigError(f"no user keyword list is written for {criterion!r}: "
+                                  "use source='lm', or add one to KNOWN_CRITERIA")
+            if source not in ("user", "lm", "class_names"):
                 raise ConfigError(f"source={source!r}: use 'user', 'lm' or 'class_names'")
-            self._memo[key] = kw
+            # the pipeline's stage 1, as run_esmc applies it (unscorable words dropped)
+            self._memo[key] = choose_keywords(
+                self.vlm, spec.prompt, list(spec.keywords) if source == "user" else None,
+                self.dataset, criterion, source)
         return self._memo[key]
 
     def keyword_note(self, criterion: str, source: str = "user") -> str:
@@ -403,31 +388,50 @@ class Workbench:
         if key not in self._runs:
             args = {k: v for k, v in st.items() if k not in ("criterion", "source", "prompt")}
             words = self.keywords(criterion, source)  # raises if the LM gave none
-            words = None if source == "lm" else words
-            self._runs[key] = run_esmc(self.vlm, self.images(criterion), st["prompt"],
-                                       criterion=criterion, keywords=words,
-                                       keyword_source=source, progress=False,
-                                       cache_dir=self.capture_dir, **args)
+            # the LM's keywords are passed as given (keyword_source "auto" keeps a Keywords
+            # list as it is): the same words, not a second generation
+            how = {"user": "user", "lm": "auto", "class_names": "class_names"}[source]
+            res = run_esmc(self.vlm, self.images(criterion), st["prompt"],
+                           criterion=criterion,
+                           keywords=None if source == "class_names" else words,
+                           keyword_source=how, progress=False, cache_dir=self.capture_dir,
+                           **args)
+            self._runs[key] = res
+            self._memo[("args", id(res))] = st
         return self._runs[key]
 
-    def embeddings(self, res: EsmcResult) -> np.ndarray:
-        """The target embeddings a run clustered [n_images, dim]: its target capture read
-        back from the disk cache, through the pipeline's own stage functions."""
-        key = ("X", id(res))
+    def stages(self, res: EsmcResult) -> tuple[ResidualCache, Localization,
+                                                CriterionEmbedding]:
+        """A run's localization capture, localization and target embedding, from the
+        pipeline's own stage functions with the run's settings (its captures are read back
+        from the disk cache): what the figures of a run need beyond its result."""
+        key = ("stages", id(res))
         if key not in self._memo:
+            st = self._memo[("args", id(res))]
             images = self._images_of(res)
-            seq = sorted(set(target_positions(res)))
-            layers = sorted({s for s, _ in res.target})
-            cache = capture_target_cells(self.vlm, images, res.prompt, seq, layers,
-                                         cache_dir=self.capture_dir,
-                                         batch_size=self.settings.batch_size,
-                                         vision=res.settings.get("baselines", True),
-                                         progress=False)
-            cells = [(s, seq.index(q)) for (s, _), q in zip(res.target, target_positions(res),
-                                                             strict=True)]
-            self._memo[key] = (res, target_embeddings(cache, cells, space=res.space,
-                                                      unembed=self.unembed))
-        return self._memo[key][1]
+            crit = Criterion(res.criterion, res.prompt)
+            sample = localization_sample(len(images), st["n_samples"], st["seed"])
+            localized = localize_criteria(
+                self.vlm, images, [crit], {res.criterion: res.keywords}, sample,
+                tau=st["tau"], seed=st["seed"], batch_size=st["batch_size"],
+                cache_dir=self.capture_dir, progress=False)
+            emb = embed_criteria(self.vlm, images, [crit], localized, space=st["space"],
+                                 batch_size=st["batch_size"], vision=st["baselines"],
+                                 cache_dir=self.capture_dir, progress=False)[res.criterion]
+            loc_cache, loc = localized[res.criterion]
+            if loc.targets != res.target or emb.cells != res.target_positions:
+                raise ConfigError("the stages gave other targets than the run: the disk cache "
+                                  f"at {self.capture_dir} does not hold this run's captures")
+            self._memo[key] = (res, loc_cache, loc, emb)
+        return self._memo[key][1:]
+
+    def embeddings(self, res: EsmcResult) -> np.ndarray:
+        """The target embeddings a run clustered [n_images, dim] (:meth:`stages`)."""
+        return self.stages(res)[2].X
+
+    def vocab_probs(self, res: EsmcResult) -> np.ndarray:
+        """The lens distribution at a run's (first) target [n_images, |V|]."""
+        return as_probs(self.stages(res)[2].vocab, "auto")
 
     def _images_of(self, res: EsmcResult) -> ImageDataset:
         for crit in self.criteria:
@@ -537,11 +541,11 @@ def format_table(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=drop).round(4)
 
 
-def _keyword_prob(X: np.ndarray, tokenizer, word: str, vocab: int) -> np.ndarray:
-    """Lens probability of ``word`` at the (first) target of every image, read from the
-    run's probability-space embeddings [n, vocab...]: the keyword rule's tokens summed."""
+def _keyword_prob(P: np.ndarray, tokenizer, word: str) -> np.ndarray:
+    """Lens probability of ``word`` at the (first) target of every image, from the lens
+    distribution there ``P`` [n, |V|]: the keyword rule's tokens summed."""
     group = keyword_token_ids(tokenizer, [word]).groups[0]
-    return X[:, :vocab][:, group].sum(axis=1)
+    return P[:, group].sum(axis=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -720,12 +724,11 @@ def consistency_table(bench: Workbench, criterion: str, source: str = "user",
     ``keyword_prob_mean``/``_std`` (the class name's lens probability at the target).
     """
     res = bench.run(criterion, source)
-    X = bench.embeddings(res)
+    X, P = bench.embeddings(res), bench.vocab_probs(res)
     answers = list(res.answers)
     T = embed_answers(answers, encoder)
     y, names = bench.y(criterion), bench.class_names(criterion)
-    V = bench.unembed.vocab_size
-    probs = {c: _keyword_prob(X, bench.vlm.tokenizer, c, V) for c in names}
+    probs = {c: _keyword_prob(P, bench.vlm.tokenizer, c) for c in names}
     detail = pd.DataFrame([{"image": res.image_ids[i], "class": names[int(yi)],
                             "answer": answers[i],
                             "keyword_prob": float(probs[names[int(yi)]][i])}
@@ -750,8 +753,7 @@ def criterion_specificity(bench: Workbench, criterion: str, other: str,
     each image's class name under ``criterion`` vs under ``other`` (e.g. "rose" vs "pink"
     at the species target), and how often the answer names each."""
     res = bench.run(criterion, source)
-    X = bench.embeddings(res)
-    V = bench.unembed.vocab_size
+    P = bench.vocab_probs(res)
     rows = []
     for i, name in enumerate(res.image_ids):
         row = {"image": name}
@@ -762,8 +764,8 @@ def criterion_specificity(bench: Workbench, criterion: str, other: str,
                 continue
             word = bench.class_names(crit)[yi]
             row[f"{crit}_word"] = word
-            row[f"{crit}_prob"] = float(_keyword_prob(X[i:i + 1], bench.vlm.tokenizer,
-                                                      word, V)[0])
+            row[f"{crit}_prob"] = float(_keyword_prob(P[i:i + 1], bench.vlm.tokenizer,
+                                                      word)[0])
         answer = res.answers[i].lower()
         row["answer"] = res.answers[i]
         for crit in (criterion, other):
@@ -822,9 +824,9 @@ def alpha_sweep(bench: Workbench, criterion: str, alphas: Sequence[float],
     st = res.settings
     seeds = list(range(st["seed"], st["seed"] + st["n_seeds"]))
     rows = []
-    for a in alphas:
-        ev = head_scores(X, y, k, float(a), seeds=seeds, epochs=st["epochs"],
-                         lr=st.get("head_lr", 1e-3))
+    for a in alphas:  # the pipeline's clustering stage at another alpha
+        ev = cluster_criterion(X, y, k, alpha=float(a), seeds=seeds, epochs=st["epochs"],
+                               head_lr=st["head_lr"], baselines=False, progress=False)[0]["ESMC"]
         (nm, ns), (rm, rs) = _ms(ev, "nmi"), _ms(ev, "ri")
         rows.append({"criterion": criterion, "alpha": float(a), "nmi_mean": nm, "nmi_std": ns,
                      "ri_mean": rm, "ri_std": rs})
@@ -884,14 +886,14 @@ def failure_cases(bench: Workbench, criterion: str, n: int = 6,
             C[a, b] += 1
     r, c = linear_sum_assignment(-C)
     to_class = dict(zip(r.tolist(), c.tolist(), strict=True))
-    V = bench.unembed.vocab_size
+    P = bench.vocab_probs(res)
     tok = bench.vlm.tokenizer
     rows = []
     for i in range(len(labels)):
         if y[i] < 0:
             continue
         matched = to_class.get(int(labels[i]), -1)
-        top = np.argsort(-X[i, :V], kind="stable")[:20]
+        top = np.argsort(-P[i], kind="stable")[:20]
         words = [w for w in (clean_token(tok, int(t)) for t in top) if w]
         rows.append({"image": res.image_ids[i], "index": i, "true": classes[int(y[i])],
                      "cluster": int(labels[i]), "cluster_name": names.get(int(labels[i]), ""),

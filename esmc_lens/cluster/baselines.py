@@ -204,6 +204,7 @@ def head_scores(
     seeds: Iterable[int] | int = range(10),
     return_labels: bool = False,
     timing: bool = False,
+    progress: bool = False,
     **head_kwargs,
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
     """ESMC's clustering head (k-means + pseudo-label MLP) once per seed.
@@ -215,6 +216,8 @@ def head_scores(
     alpha : float in (0, 1]
         Pseudo-label fraction (paper: 0.1 CMU_face/Card, 0.2 Fruit360/CIFAR10,
         0.3 Stanford_Cars/Flowers, 0.4 Fruit).
+    progress : bool, default False
+        A progress bar over the seeds.
     **head_kwargs
         Further :class:`~esmc_lens.cluster.head.PseudoLabelHead` arguments (``hidden_dim``,
         ``epochs``, ``lr``, ``standardize``, ``n_init``, ``device``, ...);
@@ -238,7 +241,13 @@ def head_scores(
     k = _check_k(n_clusters, X.shape[0])
     seeds = _as_seeds(seeds)
     rows, labels = [], []
-    for seed in seeds:
+    if progress:
+        from tqdm.auto import tqdm
+
+        seeds_it = tqdm(seeds, desc="ESMC head (seeds)")
+    else:
+        seeds_it = seeds
+    for seed in seeds_it:
         t0 = time.perf_counter()
         head = PseudoLabelHead(n_clusters=k, alpha=alpha, random_state=seed, **head_kwargs)
         pred = head.fit(X).labels_
