@@ -392,14 +392,15 @@ def test_lens_explorer_and_vote_map_react_in_jupyterlab(lab):
         handle.click()
         handle.send_keys(Keys.ARROW_LEFT, Keys.ARROW_LEFT)
         WebDriverWait(d, 60).until(lambda d: status() != before)
-        moved = status()
+        WebDriverWait(d, 60).until(lambda d: heat() != heat0)  # the outline moved
+        moved, heat1 = status(), heat()
         assert re.search(r" at E_(\d+)\(", moved).group(1) != re.search(
             r" at E_(\d+)\(", before).group(1)  # another layer is shown
         box = _widget_row(d, "keyword").find_element(By.CSS_SELECTOR, "input")
         box.send_keys(Keys.CONTROL, "a")
         box.send_keys("blue", Keys.ENTER)
         WebDriverWait(d, 60).until(lambda d: "p('blue')" in status())
-        WebDriverWait(d, 60).until(lambda d: heat() != heat0)  # the heatmap was redrawn
+        WebDriverWait(d, 60).until(lambda d: heat() != heat1)  # the heatmap was redrawn
         time.sleep(1)
         d.save_screenshot(str(ARTIFACTS / "jupyterlab_lens_explorer.png"))
         summary0 = _html_with(d, "pairs, tau =")

@@ -285,7 +285,9 @@ _JS_VOTES = """
     q('esmc-tau-label').textContent = t.toFixed(2);
     var lines = D.n_images + ' images x ' + use.length + ' keywords = ' + pairs +
       ' pairs, tau = ' + t.toFixed(2) + '. ';
-    lines += max > 0 ? 'max votes ' + max + '/' + pairs + ' at ' + targets.join(', ')
+    var shown = targets.slice(0, 8).join(', ') +
+      (targets.length > 8 ? ' and ' + (targets.length - 8) + ' more cells' : '');
+    lines += max > 0 ? 'max votes ' + max + '/' + pairs + ' at ' + shown
                      : 'no (image, keyword) pair is above tau at any cell: lower tau or ' +
                        'change the keywords';
     if (missing.length) lines += '. not precomputed: ' + missing.join(', ');
