@@ -39,7 +39,7 @@ from ..cluster.baselines import embed_answers
 from ..cluster.head import PseudoLabelHead
 from ..data.dataset import ImageDataset, load_dataset
 from ..errors import ConfigError
-from ..lens.keyword_rule import keyword_token_ids
+from ..lens.keyword_rule import keyword_token_ids, split_scorable
 from ..lens.unembed import Unembed
 from ..localization.grid import keyword_grid
 from ..localization.keywords import Keywords, choose_keywords, merge
@@ -512,11 +512,12 @@ class Workbench:
 
 
 def _scorable(vlm: VLM, word: str) -> bool:
-    try:
-        keyword_token_ids(vlm.tokenizer, [word])
-    except ConfigError:
-        return False
-    return True
+    return _scorable_by(vlm.tokenizer, word)
+
+
+def _scorable_by(tokenizer, word: str) -> bool:
+    """Whether the keyword rule can score ``word`` with this tokenizer."""
+    return bool(split_scorable(tokenizer, [word])[0])
 
 
 def _ms(df: pd.DataFrame, metric: str) -> tuple[float, float]:
@@ -544,6 +545,8 @@ def format_table(df: pd.DataFrame) -> pd.DataFrame:
 def _keyword_prob(P: np.ndarray, tokenizer, word: str) -> np.ndarray:
     """Lens probability of ``word`` at the (first) target of every image, from the lens
     distribution there ``P`` [n, |V|]: the keyword rule's tokens summed."""
+    if not _scorable_by(tokenizer, word):  # e.g. "hyacinth" for SmolLM2: no score, no guess
+        return np.full(P.shape[0], np.nan)
     group = keyword_token_ids(tokenizer, [word]).groups[0]
     return P[:, group].sum(axis=1)
 
@@ -555,7 +558,8 @@ def _keyword_prob(P: np.ndarray, tokenizer, word: str) -> np.ndarray:
 def lens_examples(bench: Workbench, n_images: int = 3) -> list[dict]:
     """For ``n_images`` images (different classes of the first criterion): per criterion,
     the lens grid of the image's true class name and of a wrong class name (Figure 3: an
-    explanation of what the lens holds, not a localization: no result depends on it)."""
+    explanation of what the lens holds, not a localization: no result depends on it).
+    A class name the keyword rule cannot score gets no panel."""
     first = next(iter(bench.criteria))
     caches = {c: bench.explore_cache(c) for c in bench.criteria}
     ids0 = caches[first].image_ids
@@ -578,8 +582,11 @@ def lens_examples(bench: Workbench, n_images: int = 3) -> list[dict]:
                 continue
             i = cache.image_ids.index(name)
             cds = bench.images(crit)
-            classes = bench.class_names(crit)
-            true = classes[int(cds.y(crit)[cds.names.index(name)])]
+            tok = bench.vlm.tokenizer
+            classes = [c for c in bench.class_names(crit) if _scorable_by(tok, c)]
+            true = bench.class_names(crit)[int(cds.y(crit)[cds.names.index(name)])]
+            if true not in classes or len(classes) < 2:
+                continue  # the lens cannot score this class name: no panel, not a guess
             wrong = next(c for c in classes if c != true)
             for kw, is_true in ((true, True), (wrong, False)):
                 grid = keyword_grid(cache, i, kw, bench.unembed, bench.vlm.tokenizer)
@@ -587,7 +594,8 @@ def lens_examples(bench: Workbench, n_images: int = 3) -> list[dict]:
                                        "grid": grid, "tokens": cache.tokens[i],
                                        "prompt": bench.criteria[crit].prompt})
             item.setdefault("image", cds.open(cds.names.index(name)))
-        out.append(item)
+        if item["panels"]:
+            out.append(item)
     return out
 
 
@@ -721,7 +729,8 @@ def consistency_table(bench: Workbench, criterion: str, source: str = "user",
     Returns (per-class summary, per-image detail). Summary columns: ``n_images``,
     ``distinct_answers``, ``answer_cosine`` (mean pairwise cosine of the answers' text
     embeddings within the class), ``target_cosine`` (same for the target embeddings),
-    ``keyword_prob_mean``/``_std`` (the class name's lens probability at the target).
+    ``keyword_prob_mean``/``_std`` (the class name's lens probability at the target; NaN
+    for a class name the keyword rule cannot score).
     """
     res = bench.run(criterion, source)
     X, P = bench.embeddings(res), bench.vocab_probs(res)

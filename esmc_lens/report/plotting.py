@@ -585,6 +585,10 @@ def cost_figure(df, model: str, quick: bool = False):
         ax.set_xticks(np.arange(len(crits)) + 0.4 - width / 2)
         ax.set_xticklabels(crits)
         ax.set_yscale("log")
+        vals = df[cols].to_numpy(dtype=float)
+        vals = vals[np.isfinite(vals) & (vals > 0)]
+        if vals.size:  # bars start a decade below the fastest step, so each one shows
+            ax.set_ylim(10 ** (math.floor(math.log10(vals.min())) - 1), vals.max() * 2)
         ax.set_ylabel("seconds (log)")
         fig.legend(fontsize=6, loc="outside right center", frameon=False)
         stamp(fig, f"Table 4: wall time per step on {df['device'].iloc[0]}", model, quick)
