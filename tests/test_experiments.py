@@ -183,6 +183,10 @@ def test_tables_are_read_off_runs(bench):
     sweep, base = E.alpha_sweep(bench, "color", [res.settings["alpha"], 0.6])
     assert sweep.iloc[0]["nmi_mean"] == res.per_seed["ESMC"]["nmi"].mean()
     assert base.iloc[0]["nmi_mean"] == res.per_seed["ESMC w/o head"]["nmi"].mean()
+    # Algorithm 1 alone is the run's localization
+    loc = bench.localize("color")
+    assert loc.targets == res.target
+    pd.testing.assert_frame_equal(loc.votes, res.localization.votes)
     t6 = E.sample_size_ablation(bench, "color", sizes=(3, 50))
     assert list(t6["n_sampled"]) == [3, len(bench.images("color"))]
     assert t6["target"].str.startswith("E_").all()

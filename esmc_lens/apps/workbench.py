@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..cluster.baselines import embed_answers
+from ..cluster.baselines import embed_answers, kmeans_scores
 from ..cluster.head import PseudoLabelHead
 from ..data.dataset import ImageDataset, load_dataset
 from ..errors import ConfigError
@@ -399,6 +399,23 @@ class Workbench:
             self._runs[key] = res
             self._memo[("args", id(res))] = st
         return self._runs[key]
+
+    def localize(self, criterion: str, source: str = "user", prompt: str | None = None,
+                 **overrides) -> Localization:
+        """Algorithm 1 alone, as :meth:`run` would localize (the pipeline's keyword,
+        sample and localization stages with the same settings; no embedding, no
+        clustering): for views that show where a criterion is found and nothing else."""
+        st = self.run_settings(criterion, source, prompt, **overrides)
+        key = ("loc", tuple(sorted((k, repr(v)) for k, v in st.items())))
+        if key not in self._memo:
+            images = self.images(criterion)
+            sample = localization_sample(len(images), st["n_samples"], st["seed"])
+            crit = Criterion(criterion, st["prompt"])
+            self._memo[key] = localize_criteria(
+                self.vlm, images, [crit], {criterion: self.keywords(criterion, source)},
+                sample, tau=st["tau"], seed=st["seed"], batch_size=st["batch_size"],
+                cache_dir=self.capture_dir, progress=False)[criterion][1]
+        return self._memo[key]
 
     def stages(self, res: EsmcResult) -> tuple[ResidualCache, Localization,
                                                 CriterionEmbedding]:
@@ -827,11 +844,13 @@ def alpha_sweep(bench: Workbench, criterion: str, alphas: Sequence[float],
     """NMI and RI against the pseudo-label ratio alpha (the head on the run's target
     embeddings, the run's seeds and epochs), and the run's k-means baseline (ESMC w/o
     head)."""
-    res = bench.run(criterion, source)
+    res = bench.run(criterion, source, baselines=False)  # no answers: not shown here
     X = bench.embeddings(res)
     y, k = bench.y(criterion), bench.n_clusters(criterion)
     st = res.settings
     seeds = list(range(st["seed"], st["seed"] + st["n_seeds"]))
+    # k-means on the same embeddings: what cluster_criterion reports as "ESMC w/o head"
+    km = kmeans_scores(X, y, k, seeds=seeds)
     rows = []
     for a in alphas:  # the pipeline's clustering stage at another alpha
         ev = cluster_criterion(X, y, k, alpha=float(a), seeds=seeds, epochs=st["epochs"],
@@ -839,7 +858,6 @@ def alpha_sweep(bench: Workbench, criterion: str, alphas: Sequence[float],
         (nm, ns), (rm, rs) = _ms(ev, "nmi"), _ms(ev, "ri")
         rows.append({"criterion": criterion, "alpha": float(a), "nmi_mean": nm, "nmi_std": ns,
                      "ri_mean": rm, "ri_std": rs})
-    km = res.per_seed["ESMC w/o head"]
     (nm, ns), (rm, rs) = _ms(km, "nmi"), _ms(km, "ri")
     base = bench.table([{"criterion": criterion, "method": "k-means (ESMC w/o head)",
                          "nmi_mean": nm, "nmi_std": ns, "ri_mean": rm, "ri_std": rs,
