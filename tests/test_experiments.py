@@ -158,6 +158,8 @@ def test_a_notebook_result_is_the_cli_result_for_the_same_settings(tiny_vlm, tmp
 def test_runs_are_memoised_and_captures_are_read_back_from_the_disk_cache(bench, tiny_vlm):
     res = bench.run("color")
     assert bench.run("color") is res
+    assert not res.supervised and res.keyword_source == "user"  # no class names by default
+    assert bench.run("color", "class_names", baselines=False).supervised
     assert bench.run("color", alpha=0.6) is not res
     again = E.Workbench.open(tiny_vlm, data=None, quick=True, outputs=bench.outputs,
                              figures=bench.figures, n_synthetic=8, verbose=False)
