@@ -8,9 +8,6 @@ import pytest
 
 from esmc_lens.apps import workbench as E
 from esmc_lens.cluster.baselines import kmeans_scores
-from esmc_lens.lens.keyword_rule import keyword_token_ids
-from esmc_lens.lens.readout import keyword_probs
-from esmc_lens.lens.unembed import Unembed
 from esmc_lens.report import plotting as P
 from esmc_lens.report.paper_numbers import (
     PAPER_MODEL,
@@ -91,194 +88,151 @@ def bench(tiny_vlm, tmp_path_factory):
                             figures=out / "figures", n_synthetic=8, verbose=False)
 
 
-def recomputed(bench, criterion, n_samples=None, alpha=None, kmeans=False):
-    """Mean ESMC (or k-means) NMI at the targets localized from ``n_samples`` images,
-    computed here from the library's pieces, outside the workbench and its caches."""
-    from esmc_lens.cluster.baselines import head_scores
-    from esmc_lens.localization.targets import target_embeddings
-    from esmc_lens.localization.votes import localize
-
-    s = bench.settings
-    cache = bench.cache(criterion)
-    loc = localize(E.keyword_view(cache, bench.keywords(criterion)), tau=0.2,
-                   n_samples=n_samples or s.n_samples, seed=bench.seed)
-    X = target_embeddings(cache, loc, space="probs", unembed=bench.unembed)
-    y, k = bench.y(criterion), bench.n_clusters(criterion)
-    if kmeans:
-        return loc, kmeans_scores(X, y, k, seeds=bench.seeds)["nmi"].mean()
-    df = head_scores(X, y, k, s.alpha if alpha is None else alpha, seeds=bench.seeds,
-                     epochs=s.epochs)
-    return loc, df["nmi"].mean()
-
-
 def test_workbench_falls_back_to_the_synthetic_dataset_and_keeps_few_images(bench, tmp_path):
     assert bench.name == "synthetic" and "ESMC_DATA is not set" in bench.source_note
     assert next(iter(bench.criteria)) == "color" and bench.focus == ["color"]
     ds = bench.images("color")
     counts = np.bincount(ds.y("color"), minlength=4)
     assert (counts <= bench.settings.per_class).all() and counts.sum() == len(ds)
+    assert list(ds.names) == [n for n in bench.dataset.names if n in set(ds.names)]
     assert bench.model.startswith("tiny")
     # a missing data folder is said, not hidden
     _ds2, name, note = E.resolve_dataset(tmp_path, "flower", tmp_path / "o", 8)
     assert name == "synthetic" and "does not exist" in note
 
 
-def test_workbench_cache_is_computed_once_and_read_back_from_disk(bench, tiny_vlm):
-    c1 = bench.cache("color")
-    assert bench.cache("color") is c1
-    assert c1.keywords and c1.keyword_probs is not None and c1.vision is not None
-    assert c1.stream == list(range(tiny_vlm.n_layers + 1))
-    again = E.Workbench.open(tiny_vlm, data=None, quick=True, outputs=bench.outputs,
-                             figures=bench.figures, n_synthetic=8, verbose=False)
-    c2 = again.cache("color")
-    timing = next(iter(again.timings.values()))
-    assert timing["how"] == "disk"
-    assert np.array_equal(c1.states.numpy(), c2.states.numpy())
-    assert c1.keywords == c2.keywords
+def test_the_users_keywords_are_written_in_the_code_not_read_from_the_folders(bench):
+    kw = bench.keywords("color")
+    assert kw.sources == ["user"] * len(kw.words)
+    assert tuple(kw.words) == E.BASIC_COLOURS  # the basic colour terms, whatever the data
+    assert bench.keywords("color", "class_names").words == \
+        bench.class_names("color")
+    assert "not read from the folders" in bench.keyword_note("color")
+    assert "supervised" in bench.keyword_note("color", "class_names")
+    assert "keywords (label-free)" in bench.describe()
 
 
-def test_scores_and_the_named_fit_are_read_back_by_another_workbench(bench, tiny_vlm,
-                                                                     monkeypatch):
-    loc = bench.localize("color")
-    ev = bench.evaluate("color", loc)
-    named = E.name_result(bench, "color", loc)
-    labels, proba = E.cluster_labels(bench, "color", loc)
-    again = E.Workbench.open(tiny_vlm, data=None, quick=True, outputs=bench.outputs,
-                             figures=bench.figures, n_synthetic=8, verbose=False)
+def _cli_run(data, out, cache, keywords, n_seeds=2):
+    from esmc_lens.apps.cli import main
 
-    def recomputed(*args, **kwargs):
-        raise AssertionError("a cached result was recomputed")
-
-    for name in ("head_scores", "kmeans_scores", "head_labels"):
-        monkeypatch.setattr(E, name, recomputed)
-    loc2 = again.localize("color")
-    assert loc2.targets == loc.targets
-    ev2 = again.evaluate("color", loc2)
-    for method in ("ESMC", "ESMC w/o head"):
-        pd.testing.assert_frame_equal(ev2[method], ev[method])
-    assert ev2["ESMC"].index.name == "seed" and list(ev2["ESMC"].index) == bench.seeds
-    pd.testing.assert_frame_equal(E.name_result(again, "color", loc2), named)
-    labels2, proba2 = E.cluster_labels(again, "color", loc2)
-    assert np.array_equal(labels2, labels) and proba2.dtype == proba.dtype
-    assert np.array_equal(proba2, proba)
-    # other settings are other results: a new alpha is computed
-    with pytest.raises(AssertionError, match="recomputed"):
-        again.evaluate("color", loc2, alpha=0.55)
-    # so is the same target after a change to the code that scores it
-    monkeypatch.setattr(E, "_code_digest", lambda: "changed")
-    third = E.Workbench.open(tiny_vlm, data=None, quick=True, outputs=bench.outputs,
-                             figures=bench.figures, n_synthetic=8, verbose=False)
-    with pytest.raises(AssertionError, match="recomputed"):
-        third.evaluate("color", third.localize("color"))
+    rc = main(["run", "--model", "tiny", "--data", str(data), "--criterion", "color",
+               "--prompt", "The color of the object is", "--keywords", ",".join(keywords),
+               "--keyword-source", "user", "--n-samples", "4", "--n-seeds", str(n_seeds),
+               "--cache-dir", str(cache), "--out", str(out), "--quiet"])
+    assert rc == 0
 
 
-def test_keyword_view_selects_keyword_columns(bench):
-    cache = bench.cache("color")
-    words = cache.keywords[1:3][::-1]
-    view = E.keyword_view(cache, [w.upper() for w in words] + ["not-scored"])
-    assert view.keywords == words
-    j = [cache.keywords.index(w) for w in words]
-    assert np.array_equal(view.keyword_probs.numpy(), cache.keyword_probs[..., j].numpy())
-    assert view.states is cache.states
+def test_a_notebook_result_is_the_cli_result_for_the_same_settings(tiny_vlm, tmp_path):
+    """The workbench (what the notebooks call) and ``esmc-lens run`` with the same settings,
+    each capturing into its own cache: the same targets, labels, names and per-seed scores,
+    exactly (the same code path and kernels on the same inputs)."""
+    from esmc_lens.report.result import EsmcResult
 
-
-def test_lens_grid_reads_or_computes_the_keyword_probability(bench, tiny_vlm):
-    cache = bench.cache("color")
-    g = E.lens_grid(cache, 1, "red")
-    assert g.shape == (len(cache.stream), cache.n_positions)
-    j = [w.lower() for w in cache.keywords].index("red")
-    np.testing.assert_allclose(g.to_numpy(), cache.keyword_probs[1, :, :, j].numpy())
-    unembed = Unembed.from_model(tiny_vlm)
-    g2 = E.lens_grid(cache, 1, "brown", unembed, tiny_vlm.tokenizer)
-    want = keyword_probs(cache.states[1].float(), unembed,
-                         keyword_token_ids(tiny_vlm.tokenizer, ["brown"]).groups)[..., 0]
-    np.testing.assert_allclose(g2.to_numpy(), want.numpy(), rtol=1e-5)
-    with pytest.raises(Exception, match="not scored"):
-        E.lens_grid(cache, 1, "brown")
-
-
-def test_ablation_tables_name_the_model_and_cap_the_sample(bench):
-    n = len(bench.images("color"))
-    t6 = E.sample_size_ablation(bench, "color", sizes=(3, 50))
-    assert list(t6["n_sampled"]) == [3, n]
-    assert (t6["model"] == bench.model).all() and (t6["dataset"] == "synthetic").all()
-    # each row is the run it names: localized from that many images, scored there
-    n_kw = len(bench.keywords("color").words)
-    for (_, row), size in zip(t6.iterrows(), (3, 50), strict=True):
-        loc, nmi_mean = recomputed(bench, "color", n_samples=size)
-        assert row["votes"] == f"{loc.max_votes}/{min(size, n) * n_kw}"
-        assert row["target"] == ", ".join(loc.label(c) for c in loc.targets)
-        assert row["nmi_mean"] == pytest.approx(nmi_mean, abs=1e-12)
-    t7 = E.keyword_source_ablation(bench, "color")
-    assert list(t7["keyword_source"]) == ["user", "lm", "class_names"]
-    assert (t7["model"] == bench.model).all()
-    cls = t7.set_index("keyword_source").loc["class_names", "keywords"]
-    assert cls == ", ".join(bench.class_names("color"))
-
-
-def test_alpha_sweep_and_its_kmeans_baseline(bench):
-    sweep, base = E.alpha_sweep(bench, "color", [0.2, 0.6])
-    assert list(sweep["alpha"]) == [0.2, 0.6] and (sweep["model"] == bench.model).all()
-    for alpha, nmi_mean in zip(sweep["alpha"], sweep["nmi_mean"], strict=True):
-        assert nmi_mean == pytest.approx(recomputed(bench, "color", alpha=alpha)[1], abs=1e-12)
-    loc = bench.localize("color")
-    X = bench.features("color", loc)
+    settings = E.Settings(per_class=None, n_seeds=2, epochs=100, n_samples=4, alpha=0.3)
+    bench = E.Workbench.open(tiny_vlm, data=None, quick=False, outputs=tmp_path / "nb",
+                             figures=tmp_path / "fig", n_synthetic=8, settings=settings,
+                             verbose=False)
+    res = bench.run("color")
+    data = bench.dataset.root
+    _cli_run(data, tmp_path / "cli", tmp_path / "cli-cache", bench.keywords("color").words)
+    cli = EsmcResult.load(tmp_path / "cli")
+    assert res.target == cli.target and res.target_labels == cli.target_labels
+    assert res.keywords.words == cli.keywords.words
+    np.testing.assert_array_equal(res.labels, cli.labels)
+    assert list(res.clusters["name"]) == list(cli.clusters["name"])
+    assert set(res.per_seed) == set(cli.per_seed) >= {"ESMC", "ESMC w/o head", "Output",
+                                                       "Vision only (vision tower pooled)"}
+    for method in res.per_seed:
+        for metric in ("nmi", "ri", "ari", "acc"):
+            np.testing.assert_array_equal(res.per_seed[method][metric].to_numpy(),
+                                          cli.per_seed[method][metric].to_numpy(),
+                                          err_msg=f"{method} {metric}")
+    # the notebook's figures read the run's own embeddings (fp32 target capture): k-means on
+    # them gives the run's "ESMC w/o head" scores exactly
+    X = bench.embeddings(res)
     km = kmeans_scores(X, bench.y("color"), bench.n_clusters("color"), seeds=bench.seeds)
-    assert base.iloc[0]["nmi_mean"] == pytest.approx(km["nmi"].mean())
-    # the head's scores are memoised: the same alpha twice is the same frame
-    a = bench.evaluate("color", loc, alpha=0.2, kmeans=False)
-    assert bench.evaluate("color", loc, alpha=0.2, kmeans=False) is a
+    np.testing.assert_array_equal(km["nmi"].to_numpy(),
+                                  res.per_seed["ESMC w/o head"]["nmi"].to_numpy())
 
 
-def test_main_results_and_failure_cases(bench):
-    res, named = E.main_results(bench, ["color"])
-    # the tiny LLaVA's vision side is its tower's pooled feature: one vision-only row
-    assert set(res["method"]) == {"ESMC", "ESMC w/o head", "Vision only (vision tower pooled)"}
-    assert (res["model"] == bench.model).all()
-    # each method's row holds that method's scores
-    by = res.set_index("method")["nmi_mean"]
-    assert by["ESMC"] == pytest.approx(recomputed(bench, "color")[1], abs=1e-12)
-    assert by["ESMC w/o head"] == pytest.approx(recomputed(bench, "color", kmeans=True)[1],
-                                                abs=1e-12)
-    paper_cols = [c for c in res.columns if c.startswith("paper_")]
-    assert paper_cols and all(PAPER_MODEL in c for c in paper_cols)
-    assert res[paper_cols].isna().all().all()  # the paper has no synthetic dataset
-    df = named["color"]
-    assert df["size"].sum() == len(bench.images("color"))
+def test_runs_are_memoised_and_captures_are_read_back_from_the_disk_cache(bench, tiny_vlm):
+    res = bench.run("color")
+    assert bench.run("color") is res
+    assert not res.supervised and res.keyword_source == "user"  # no class names by default
+    assert bench.run("color", "class_names", baselines=False).supervised
+    assert bench.run("color", alpha=0.6) is not res
+    again = E.Workbench.open(tiny_vlm, data=None, quick=True, outputs=bench.outputs,
+                             figures=bench.figures, n_synthetic=8, verbose=False)
+    res2 = again.run("color")
+    assert res2.meta["capture_cache"]["computed"] == 0  # every batch read from disk
+    assert res2.target == res.target
+    np.testing.assert_array_equal(res2.labels, res.labels)
+
+
+def test_tables_are_read_off_runs(bench):
+    res = bench.run("color")
+    t, named = E.main_results(bench, ["color"])
+    esmc = t.set_index("method").loc["ESMC"]
+    assert esmc["nmi_mean"] == res.per_seed["ESMC"]["nmi"].mean()
+    assert (t["model"] == bench.model).all() and (t["mode"] == "QUICK").all()
+    paper_cols = [c for c in t.columns if c.startswith("paper_") and PAPER_MODEL in c]
+    assert len(paper_cols) == 2 and t[paper_cols].isna().all().all()  # no synthetic row
+    assert named["color"]["size"].sum() == len(bench.images("color"))
+    t3 = E.method_ablation(bench).set_index("method")
+    assert list(t3.index) == ["Output", "ESMC w/o head", "ESMC"]
+    assert t3.loc["Output", "ri_mean"] == res.per_seed["Output"]["ri"].mean()
+    # the alpha sweep at the run's alpha is the run's own head, seed by seed
+    sweep, base = E.alpha_sweep(bench, "color", [res.settings["alpha"], 0.6])
+    assert sweep.iloc[0]["nmi_mean"] == res.per_seed["ESMC"]["nmi"].mean()
+    assert base.iloc[0]["nmi_mean"] == res.per_seed["ESMC w/o head"]["nmi"].mean()
+    # Algorithm 1 alone is the run's localization
+    loc = bench.localize("color")
+    assert loc.targets == res.target
+    pd.testing.assert_frame_equal(loc.votes, res.localization.votes)
+    t6 = E.sample_size_ablation(bench, "color", sizes=(3, 50))
+    assert list(t6["n_sampled"]) == [3, len(bench.images("color"))]
+    assert t6["target"].str.startswith("E_").all()
+    # the paper's Table 6 (Stanford_Cars only) has a color row for 3 samples, none for 50
+    assert list(t6["paper_dataset"]) == ["Stanford_Cars (other dataset)", ""]
+    run3 = bench.run("color", n_samples=3, baselines=False)
+    assert t6.iloc[0]["nmi_mean"] == run3.per_seed["ESMC"]["nmi"].mean()
+    t7 = E.keyword_source_ablation(bench, "color", ("user", "class_names"))
+    row = t7.set_index("keyword_source").loc["class_names"]
+    assert row["keywords"] == ", ".join(bench.class_names("color"))
+    assert row["localization"] == "supervised localization"
+    assert t7.set_index("keyword_source").loc["user", "localization"] == "label-free"
+
+
+def test_failure_cases_name_the_matched_class(bench):
+    res = bench.run("color")
     fails = E.failure_cases(bench, "color", n=50)
-    assert not fails["correct"].any()
-    assert len(fails) == fails.attrs["n_wrong"]
+    assert not fails["correct"].any() and len(fails) == fails.attrs["n_wrong"]
     assert list(fails["confidence"]) == sorted(fails["confidence"], reverse=True)
     assert (fails["true"] != fails["matched_class"]).all()
+    assert set(fails["answer"]) <= set(res.answers)
+    caps = E.failure_captions(fails)
+    for cap, r in zip(caps, fails.itertuples(), strict=True):
+        assert f"assigned: {r.matched_class}" in cap and f"true: {r.true}" in cap
 
 
-def test_prompt_robustness_captures_each_variant(bench):
-    t5, locs = E.prompt_robustness(bench, ["color"])
-    assert list(t5["variant"]) == ["Original", "Variant 1", "Variant 2", "Variant 3"]
-    assert len(set(t5["prompt"])) == 4 and set(locs) == {("color", v) for v in t5["variant"]}
+def test_prompt_robustness_runs_each_variant(bench):
+    t5, locs = E.prompt_robustness(bench, ["color"], variants=["Original", "Variant 2"])
+    assert list(t5["variant"]) == ["Original", "Variant 2"]
+    assert len(set(t5["prompt"])) == 2 and set(locs) == {("color", v) for v in t5["variant"]}
     assert (t5["model"] == bench.model).all()
-    # the original form is the criterion's own prompt: the main evaluation's capture and NMI
-    original = t5.set_index("variant").loc["Original"]
-    assert original["prompt"] == bench.criteria["color"].prompt
-    assert original["nmi_mean"] == pytest.approx(recomputed(bench, "color")[1], abs=1e-12)
-    some, _ = E.prompt_robustness(bench, ["color"], variants=["Original", "Variant 2"])
-    assert list(some["variant"]) == ["Original", "Variant 2"]
-    pd.testing.assert_frame_equal(some.reset_index(drop=True),
-                                  t5[t5["variant"].isin(["Original", "Variant 2"])]
-                                  .reset_index(drop=True))
+    orig = bench.run("color", baselines=False)
+    assert t5.iloc[0]["nmi_mean"] == orig.per_seed["ESMC"]["nmi"].mean()
     with pytest.raises(Exception, match="Variant 9"):
         E.prompt_robustness(bench, ["color"], variants=["Variant 9"])
 
 
-def test_cost_table_measures_every_step(bench):
+def test_cost_table_measures_every_stage(bench):
     cost = E.cost_table(bench, ["color"], epochs=5)
     row = cost.iloc[0]
-    for c in ("localization_capture_s", "vote_s", "target_capture_s",
-              "head_train_s (5 epochs)"):
+    for c in ("localization_s", "target_capture_s", "head_train_s (5 epochs)", "total_s"):
         assert row[c] > 0
+    assert row["total_s"] >= row["localization_s"] + row["target_capture_s"]
     assert row["model"] == bench.model and row["n_images"] == len(bench.images("color"))
-    paper = E.paper_cost("flower")
-    assert paper.loc[paper["this_dataset"], "dataset"].tolist() == ["Flower"]
 
 
 def test_notebook_figures_are_saved_as_pdf_and_png(bench, tmp_path):
@@ -287,17 +241,22 @@ def test_notebook_figures_are_saved_as_pdf_and_png(bench, tmp_path):
     assert sum(p["true"] for p in examples[0]["panels"]) == len(bench.criteria)
     peaks = E.lens_peak_table(bench, examples)
     assert (peaks["model"] == bench.model).all()
-    fig = P.lens_example_figure(examples[0], bench.model)
+    fig = P.lens_example_figure(examples[0], **bench.fig)
     paths = P.save_figure(fig, "fig3_test", tmp_path)
     assert [p.suffix for p in paths] == [".pdf", ".png"] and all(p.stat().st_size for p in paths)
-    assert bench.model in fig._suptitle.get_text()
+    assert bench.model in fig._suptitle.get_text() and "QUICK" in fig._suptitle.get_text()
     sweep, base = E.alpha_sweep(bench, "color", [0.2, 0.6])
-    fig = P.sweep_figure({"color": sweep}, {"color": base.iloc[0]}, bench.model)
+    fig = P.sweep_figure({"color": sweep}, {"color": base.iloc[0]}, **bench.fig)
     assert len(fig.axes[0].lines) >= 2  # ESMC curves and the k-means lines
     P.save_figure(fig, "fig6_test", tmp_path)
     res, _ = E.main_results(bench, ["color"])
-    P.save_figure(P.method_bars_figure(res, bench.model), "bars_test", tmp_path)
+    P.save_figure(P.method_bars_figure(res, **bench.fig), "bars_test", tmp_path)
     assert len(list(tmp_path.glob("*.pdf"))) == 3 and len(list(tmp_path.glob("*.png"))) == 3
+
+
+def test_shown_tables_say_quick_and_name_the_model(bench):
+    html = bench.show(E.method_ablation(bench), "Table 3").to_html()
+    assert "QUICK · Table 3" in html and bench.model in html
 
 
 def test_format_table_rounds_and_drops_helpers():
@@ -305,3 +264,27 @@ def test_format_table_rounds_and_drops_helpers():
                        "x": [0.123456]})
     out = E.format_table(df)
     assert list(out.columns) == ["nmi", "ri_mean", "x"] and out["x"].iloc[0] == 0.1235
+
+
+def test_the_papers_numbers_stand_beside_ours_and_other_datasets_are_flagged():
+    from esmc_lens.report.paper_numbers import beside_paper
+
+    ours = pd.DataFrame({"criterion": ["color", "color", "species", "color"],
+                         "method": ["ESMC", "Output", "ESMC", "Vision only"]})
+    t3 = beside_paper(ours, "table3", "flower", ("nmi", "ri"))
+    assert list(t3[f"paper_nmi ({PAPER_MODEL})"])[:3] == [0.7283, 0.6698, 0.8923]
+    assert t3[f"paper_ri ({PAPER_MODEL})"].iloc[0] == 0.8982
+    assert list(t3["paper_dataset"]) == ["Flower", "Flower", "Flower", ""]
+    assert np.isnan(t3[f"paper_nmi ({PAPER_MODEL})"].iloc[3])  # no vision-only row
+    t6 = beside_paper(pd.DataFrame({"criterion": ["color"], "n_samples": [5]}), "table6",
+                      "flower")
+    assert t6[f"paper_nmi ({PAPER_MODEL})"].iloc[0] == 0.8138
+    assert t6["paper_dataset"].iloc[0] == "Stanford_Cars (other dataset)"
+    t5 = beside_paper(pd.DataFrame({"criterion": ["color"], "variant": ["Variant 2"]}),
+                      "table5", "flower", ("nmi", "ri"))
+    assert t5[f"paper_ri ({PAPER_MODEL})"].iloc[0] == 0.9257
+    t4 = beside_paper(pd.DataFrame({"criterion": ["color"]}), "table4", "flower")
+    assert t4[f"paper_head_train_s ({PAPER_MODEL})"].iloc[0] == 0.4472
+    none = beside_paper(ours.head(1), "table1", "synthetic")
+    assert np.isnan(none[f"paper_nmi ({PAPER_MODEL})"].iloc[0])
+    assert none["paper_dataset"].iloc[0] == ""

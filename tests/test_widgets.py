@@ -232,3 +232,92 @@ def test_cluster_browser_from_result():
     cb = ClusterBrowser.from_result(res, lambda i: solid((0, 0, 0), (8, 8)))
     assert cb.true_labels == ["blue", "red", ""]
     assert cb.rows[0]["images"] == [1] and cb.rows[1]["images"] == [0, 2]
+
+
+# ----------------------------------------------------------- static views and linking
+
+
+def test_static_lens_view_carries_the_explorers_numbers(tiny_vlm, cache, images):
+    from esmc_lens.localization.grid import keyword_grid
+    from esmc_lens.report.plotting import token_label
+
+    ex = LensExplorer(cache, tiny_vlm, images=images, keyword="blue", k=3)
+    ex.layer.value = cache.stream[2]
+    view = ex.static(["blue", "red"], model="tiny", quick=True)
+    d = view.data
+    assert set(d["grids"]) == {"blue", "red"} and len(d["images"]) == len(cache)
+    for i in range(len(cache)):
+        for w in ("blue", "red"):
+            want = keyword_grid(cache, i, w, ex.unembed, tiny_vlm.tokenizer).to_numpy()
+            got = np.array(d["grids"][w][i], dtype=float)
+            np.testing.assert_allclose(got, want, rtol=1e-3)
+    top = ex.cell_top_tokens(1, cache.stream[2], 3)
+    cell = d["top"][1][2][3]
+    assert [t for t, _ in cell] == list(top["label"])
+    raw = tiny_vlm.tokenizer.convert_ids_to_tokens(
+        top_k(cache.states[1, 2, 3][None].float(), ex.unembed, k=3)[1][0].tolist())
+    assert list(top["label"]) == [token_label(t) for t in raw]
+    np.testing.assert_allclose([p for _, p in cell], top["prob"], rtol=1e-3)
+    assert d["start"] == {"image": 0, "row": 2, "pos": cache.n_positions - 1,
+                          "keyword": "blue"}
+    assert "QUICK" in view.html and "model: tiny" in view.html
+    assert "<script" in view.html and "src='http" not in view.html  # self-contained
+    assert d["images"][0]["thumb"].startswith("data:image/png;base64,")
+
+
+def test_static_vote_map_counts_what_vote_table_counts():
+    rng = np.random.default_rng(1)
+    probs = rng.uniform(0, 0.4, size=(5, 4, 3, 2))
+    ex = VoteMapExplorer(_toy_cache(probs, ["red", "white"], empty_slot=1), tau=0.25,
+                         draw=False)
+    view = ex.static(link="lens-1")
+    d = view.data
+    assert d["tau"] == 0.25 and d["link"] == "lens-1" and d["start"] == ["red", "white"]
+    # the page's count, in Python: pairs above tau per cell, None (empty slot) never counts
+    arr = np.array([[[[np.nan if x is None else x for x in row] for row in im]
+                     for im in d["probs"][w]] for w in ("red", "white")], dtype=float)
+    counts = (np.nan_to_num(arr, nan=-1) > d["tau"]).sum(axis=(0, 1))
+    np.testing.assert_array_equal(counts, ex.votes.to_numpy())
+
+
+def test_vote_map_opens_cells_in_a_linked_lens_explorer(tiny_vlm, cache):
+    lens = LensExplorer(cache, tiny_vlm, keyword="red", draw=False)
+    votes = VoteMapExplorer(cache, tiny_vlm, keywords="red", tau=0.0, draw=False)
+    assert votes.open_button.disabled
+    votes.link(lens)
+    assert not votes.open_button.disabled
+    cells = [c for _, c in votes.cell_choice.options]
+    assert cells and cells[0] in votes.targets  # the winners come first
+    layer, slot = cells[-1]
+    votes.cell_choice.value = cells[-1]
+    votes.open_button.click()
+    assert (lens.layer.value, lens.position.value) == (layer, slot)
+    assert lens.cell_label == f"E_{layer}({lens.position.label})"
+
+
+def test_cluster_browser_thumbnails_open_in_a_linked_lens_explorer(tiny_vlm, cache, images):
+    lens = LensExplorer(cache, tiny_vlm, keyword="red", draw=False)
+    cb = ClusterBrowser(images, np.array([0, 1, 1, 0]), _clusters(),
+                        image_ids=["c", "b", "zz", "a"]).link(lens)
+    tiles = cb.body.children[1].children[1].children  # cluster 1: images 1 ("b"), 2 ("zz")
+    tiles[0].children[-1].click()
+    assert lens.image.value == list(cache.image_ids).index("b")
+    assert cb.open_in_lens(2) is False  # "zz" is not in the lens explorer's capture
+    cb.body.children[0].children[1].children[0].children[-1].click()  # image 0, id "c"
+    assert lens.image.value == list(cache.image_ids).index("c")
+
+
+def test_keyword_grid_reads_the_capture_or_computes_from_the_states(tiny_vlm, cache):
+    from esmc_lens.localization.grid import keyword_grid
+
+    g = keyword_grid(cache, 1, "RED")
+    assert g.attrs["source"] == "capture" and list(g.index) == cache.stream
+    np.testing.assert_array_equal(g.to_numpy(), cache.keyword_probs[1, :, :, 0].numpy())
+    unembed = Unembed.from_model(tiny_vlm)
+    g2 = keyword_grid(cache, 1, "blue", unembed, tiny_vlm.tokenizer)
+    want = keyword_probs(cache.states[1].float(), unembed,
+                         keyword_token_ids(tiny_vlm.tokenizer, ["blue"]).groups)[..., 0]
+    np.testing.assert_array_equal(g2.to_numpy(), want.numpy())
+    assert g2.attrs["source"] == "states" and g2.attrs["tokens"]
+    with pytest.raises(Exception, match="not scored"):
+        keyword_grid(cache, 1, "blue")

@@ -21,19 +21,22 @@ from __future__ import annotations
 
 import html
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from ..errors import ConfigError
 from ..lens.keyword_rule import keyword_token_ids
 from ..lens.readout import keyword_probs, top_k
 from ..lens.unembed import Unembed
+from ..localization.grid import keyword_grid
 from ..localization.votes import cell_labels, vote_table
+from ..report.plotting import token_label
+from ..report.trajectory import token_strings
 from ..residual.cache import ResidualCache, strip_token
+from .html_views import HtmlView, image_loader, image_png, lens_explorer_view, vote_map_view
 
 __all__ = ["ClusterBrowser", "LensExplorer", "VoteMapExplorer", "image_png"]
 
@@ -47,17 +50,6 @@ def _widgets():
     return ipywidgets
 
 
-def image_png(im: Image.Image, size: int | None = None) -> bytes:
-    """PNG bytes of ``im`` (thumbnailed to ``size`` px when given)."""
-    im = im.convert("RGB")
-    if size:
-        im = im.copy()
-        im.thumbnail((size, size))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _figure_png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -65,26 +57,6 @@ def _figure_png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
-
-
-def _image_loader(images) -> Callable[[int], Image.Image] | None:
-    if images is None:
-        return None
-    if callable(images) and not hasattr(images, "open"):
-        return images
-    if hasattr(images, "open") and hasattr(images, "names"):  # ImageDataset
-        return images.open
-    seq = list(images)
-
-    def load(i: int) -> Image.Image:
-        im = seq[i]
-        if isinstance(im, Image.Image):
-            return im
-        from ..data.images import open_rgb
-
-        return open_rgb(im)
-
-    return load
 
 
 def _table_html(df: pd.DataFrame, caption: str = "") -> str:
@@ -143,8 +115,9 @@ class LensExplorer(_Explorer):
         self.k = k
         self.draw = draw
         self.image_size = image_size
-        self._load = _image_loader(images)
+        self._load = image_loader(images)
         self._grid_memo: dict = {}
+        self._batch = False
         labels = cell_labels(cache)
         self.image = w.Dropdown(options=[(str(n), i) for i, n in enumerate(cache.image_ids)],
                                 value=0, description="image")
@@ -172,29 +145,60 @@ class LensExplorer(_Explorer):
 
     # -- logic -------------------------------------------------------------------------
     def keyword_grid(self, image: int, keyword: str) -> pd.DataFrame:
-        """The keyword's lens probability at every (layer, position) of one image."""
+        """The keyword's lens probability at every (layer, position) of one image
+        (:func:`esmc_lens.localization.grid.keyword_grid`: the capture's value when it
+        scored the keyword, else the lens of the stored states)."""
         key = (image, keyword.strip().lower())
         if key not in self._grid_memo:
-            kt = keyword_token_ids(self.tokenizer, [keyword])
-            vals = keyword_probs(self.cache.states[image].float(), self.unembed,
-                                 kt.groups)[..., 0].numpy().copy()
-            vals[:, (self.cache.positions[image] < 0).numpy()] = np.nan
-            grid = pd.DataFrame(vals, index=pd.Index(self.cache.stream, name="layer"),
-                                columns=pd.Index(cell_labels(self.cache), name="position"))
-            grid.attrs["tokens"] = [self.tokenizer.decode([t]) for t in kt.groups[0]]
-            self._grid_memo[key] = grid
+            self._grid_memo[key] = keyword_grid(self.cache, image, keyword, self.unembed,
+                                                self.tokenizer)
         return self._grid_memo[key]
 
+    def show_cell(self, image: int | None = None, layer: int | None = None,
+                  position: int | None = None) -> None:
+        """Select an image (index in the cache), a layer (stream index) and a position
+        slot, updating once (what a linked vote map or cluster browser calls)."""
+        self._batch = True
+        try:
+            if image is not None:
+                self.image.value = int(image)
+            if layer is not None:
+                self.layer.value = int(layer)
+            if position is not None:
+                self.position.value = int(position)
+        finally:
+            self._batch = False
+        self.update()
+
+    def static(self, keywords: Sequence[str] | None = None, *, max_images: int = 24,
+               model: str = "", quick: bool = False) -> HtmlView:
+        """This explorer as a self-contained HTML view (:mod:`esmc_lens.apps.html_views`),
+        starting at the current selection; ``keywords`` a reader can type (default: the
+        current one and the capture's)."""
+        words = list(keywords or [self.keyword.value, *(self.cache.keywords or [])])
+        s, p = self.layer.value, self.position.value
+        fallback = self.heatmap_view.value if self.draw else b""
+        return lens_explorer_view(
+            self.cache, self.unembed, self.tokenizer, words, images=self._load, k=self.k,
+            max_images=max_images, model=model, quick=quick, fallback_png=fallback,
+            start={"image": min(self.image.value, max_images - 1),
+                   "row": self.cache.stream_index(s), "pos": p,
+                   "keyword": self.keyword.value.strip().lower()})
+
     def cell_top_tokens(self, image: int, layer: int, position: int) -> pd.DataFrame:
-        """Top-k lens tokens of one cell (computed from the stored state)."""
+        """Top-k lens tokens of one cell (computed from the stored state): ``token`` decoded,
+        ``label`` readable (:func:`~esmc_lens.report.plotting.token_label`)."""
         h = self.cache.states[image, self.cache.stream_index(layer), position].float()
         probs, ids = top_k(h[None], self.unembed, k=self.k)
+        raw = token_strings(self.tokenizer, ids[0].tolist())
         return pd.DataFrame({"rank": range(1, self.k + 1),
                              "token": [self.tokenizer.decode([int(i)]) for i in ids[0]],
+                             "label": [token_label(t) for t in raw],
                              "prob": [float(p) for p in probs[0]]})
 
     def _on_change(self, _change=None):
-        self.update()
+        if not self._batch:
+            self.update()
 
     def update(self) -> None:
         i, s, p = self.image.value, self.layer.value, self.position.value
@@ -233,9 +237,12 @@ class LensExplorer(_Explorer):
 
         g = self.heatmap
         with figure_style("two", font_size=7):
-            fig, ax = plt.subplots(figsize=(max(4.0, 0.28 * g.shape[1] + 1.5), 3.2))
-            lens_heatmap(np.nan_to_num(g.to_numpy()), list(g.index), list(g.columns), ax=ax,
+            fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * g.shape[1] + 1.8), 3.4),
+                                   layout="constrained")
+            lens_heatmap(g.to_numpy(dtype=float), list(g.index), list(g.columns), ax=ax,
                          title=f"p('{kw}') on {self.cache.image_ids[self.image.value]}",
+                         cbar_label="lens probability (log)",
+                         tokens=self.cache.tokens[self.image.value],
                          highlight=[(self.cache.stream_index(s), p)])
         return _figure_png(fig)
 
@@ -281,10 +288,16 @@ class VoteMapExplorer(_Explorer):
         self.summary_view = w.HTML()
         self.table_view = w.HTML()
         self.map_view = w.Image(format="png")
+        self._lens: LensExplorer | None = None
+        self.cell_choice = w.Dropdown(options=[], description="cell")
+        self.open_button = w.Button(description="open in lens explorer", disabled=True,
+                                    tooltip="link(lens_explorer) first")
+        self.open_button.on_click(lambda _b: self.open_in_lens())
         for c in (self.keywords_box, self.tau):
             c.observe(lambda _ch: self.update(), names="value")
         self.widget = w.VBox([w.HBox([self.keywords_box, self.tau]), self.summary_view,
-                              self.map_view, self.table_view])
+                              self.map_view, w.HBox([self.cell_choice, self.open_button]),
+                              self.table_view])
         self.update()
 
     def _keyword_probs(self, kw: str) -> torch.Tensor | None:
@@ -340,6 +353,9 @@ class VoteMapExplorer(_Explorer):
         shown = shown.loc[(shown > 0).any(axis=1)] if not shown.empty else shown
         self.table_view.value = (shown.iloc[::-1].to_html() if not shown.empty
                                  else "<i>no votes</i>")
+        opts = self._cell_options()
+        self.cell_choice.options = opts
+        self.cell_choice.value = opts[0][1] if opts else None
         if self.draw:
             self.map_view.value = self._render()
 
@@ -351,11 +367,51 @@ class VoteMapExplorer(_Explorer):
         v = self.votes
         rows = {s: i for i, s in enumerate(v.index)}
         with figure_style("two", font_size=7):
-            fig, ax = plt.subplots(figsize=(max(4.0, 0.28 * v.shape[1] + 1.5), 3.2))
+            fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * v.shape[1] + 1.8), 3.4),
+                                   layout="constrained")
             lens_heatmap(v.to_numpy(dtype=float), list(v.index), list(v.columns), ax=ax,
-                         cbar_label="votes", title=f"votes, tau={self.tau.value:.2f}",
+                         scale="linear", vmax=max(1, self.n_pairs),
+                         cbar_label=f"votes (of {self.n_pairs} pairs)",
+                         title=f"votes, tau={self.tau.value:.2f}",
                          highlight=[(rows[s], p) for s, p in self.targets])
         return _figure_png(fig)
+
+    # -- linked views ----------------------------------------------------------------------
+    def link(self, lens: LensExplorer) -> VoteMapExplorer:
+        """Open cells in ``lens``: pick a cell (the winners first) and press "open in lens
+        explorer". Returns self."""
+        self._lens = lens
+        self.open_button.disabled = False
+        return self
+
+    def _cell_options(self) -> list[tuple[str, tuple[int, int]]]:
+        """The cells with votes, most first (at most 12), as (label, (layer, slot))."""
+        counts = self.votes.to_numpy()
+        order = np.argsort(-counts, axis=None, kind="stable")[:12]
+        labels = list(self.votes.columns)
+        out = []
+        for flat in order:
+            r, p = np.unravel_index(int(flat), counts.shape)
+            if counts[r, p] <= 0:
+                break
+            s = int(self.votes.index[r])
+            out.append((f"E_{s}({labels[p]}) {int(counts[r, p])} votes", (s, int(p))))
+        return out
+
+    def open_in_lens(self, cell: tuple[int, int] | None = None) -> None:
+        """Show ``cell`` (default: the chosen one) in the linked lens explorer."""
+        cell = cell if cell is not None else self.cell_choice.value
+        if self._lens is None or cell is None:
+            return
+        self._lens.show_cell(layer=cell[0], position=cell[1])
+
+    def static(self, *, link: HtmlView | str | None = None, max_images: int = 24,
+               model: str = "", quick: bool = False) -> HtmlView:
+        """This vote map as a self-contained HTML view (keywords: the ones in use)."""
+        return vote_map_view(self.cache, self.keywords, tau=float(self.tau.value),
+                             unembed=self.unembed, tokenizer=self.tokenizer,
+                             max_images=max_images, model=model, quick=quick, link=link,
+                             fallback_png=self.map_view.value if self.draw else b"")
 
 
 # --------------------------------------------------------------------------------------
@@ -384,7 +440,7 @@ class ClusterBrowser(_Explorer):
                  true_labels: Sequence[str] | None = None, per_cluster: int = 8,
                  thumb: int = 72):
         w = _widgets()
-        self._load = _image_loader(images)
+        self._load = image_loader(images)
         self.labels = np.asarray(labels)
         self.clusters = clusters.reset_index(drop=True)
         self.image_ids = list(image_ids) if image_ids is not None else [
@@ -392,6 +448,7 @@ class ClusterBrowser(_Explorer):
         self.true_labels = list(true_labels) if true_labels is not None else None
         self.thumb = thumb
         self._png: dict[int, bytes] = {}
+        self._lens: LensExplorer | None = None
         opts = [("all clusters", -1)] + [
             (f"{int(r.cluster)}: {r.name} ({int(r.size)})", int(r.cluster))
             for r in self.clusters.itertuples()]
@@ -413,6 +470,24 @@ class ClusterBrowser(_Explorer):
             truth = [result.class_names[y] if y >= 0 else "" for y in result.y_true]
         return cls(images, result.labels, result.clusters, image_ids=result.image_ids,
                    true_labels=truth, **kw)
+
+    def link(self, lens: LensExplorer) -> ClusterBrowser:
+        """Give each thumbnail a button that opens its image in ``lens`` (matched by image
+        id; thumbnails of images the lens's capture lacks get none). Returns self."""
+        self._lens = lens
+        self.update()
+        return self
+
+    def open_in_lens(self, i: int) -> bool:
+        """Show this browser's image ``i`` in the linked lens explorer; False if the
+        explorer's capture does not hold it."""
+        if self._lens is None:
+            return False
+        ids = [str(x) for x in self._lens.cache.image_ids]
+        if str(self.image_ids[i]) not in ids:
+            return False
+        self._lens.show_cell(image=ids.index(str(self.image_ids[i])))
+        return True
 
     def _thumb(self, i: int) -> bytes:
         if i not in self._png:
@@ -439,9 +514,15 @@ class ClusterBrowser(_Explorer):
                 cap = self.image_ids[i]
                 if self.true_labels is not None:
                     cap += f" [{self.true_labels[i]}]"
-                tiles.append(w.VBox([w.Image(value=self._thumb(i), format="png",
-                                             layout=w.Layout(width=f"{self.thumb}px")),
-                                     w.HTML(f"<small>{html.escape(cap)}</small>")]))
+                parts = [w.Image(value=self._thumb(i), format="png",
+                                 layout=w.Layout(width=f"{self.thumb}px")),
+                         w.HTML(f"<small>{html.escape(cap)}</small>")]
+                if self._lens is not None:
+                    b = w.Button(description="lens", tooltip="open in the lens explorer",
+                                 layout=w.Layout(width=f"{self.thumb}px"))
+                    b.on_click(lambda _b, i=i: self.open_in_lens(i))
+                    parts.append(b)
+                tiles.append(w.VBox(parts))
             boxes.append(w.VBox([w.HTML(f"<b>{html.escape(header)}</b>"),
                                  w.HBox(tiles, layout=w.Layout(flex_flow="row wrap"))]))
         self.body.children = boxes

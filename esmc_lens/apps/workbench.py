@@ -1,29 +1,31 @@
-"""The logic behind the notebooks: every table and figure of the paper, as library calls.
+"""The notebooks' view of ESMC: every table and figure of the paper from ``run_esmc``.
 
-A notebook opens a :class:`Workbench` (model, dataset, quick or full mode), asks it for
-captures (computed once, kept in memory and on disk, reused), and calls one function here per
-table or figure. Every table returned here has a ``model`` column naming the model that
-produced it; the paper's numbers come from :mod:`esmc_lens.report.paper_numbers` and are labelled as
-the paper's.
+A notebook opens a :class:`Workbench` (model, dataset, quick or full mode) and asks it for
+runs: :meth:`Workbench.run` is :func:`esmc_lens.pipeline.run_esmc` with the notebook's
+settings, its captures in the one disk cache (:func:`esmc_lens.residual.store.cached_capture`
+under ``outputs/captures``), the result kept in memory for the other cells. Nothing here
+captures, localizes or clusters on its own: a table is read off runs, and the few views that
+need more (a target's embeddings, an explorer's capture) call the pipeline's own stage
+functions with the run's settings, so they see exactly what the run saw. A notebook's
+number and the CLI's for the same settings are the same number (``tests/test_experiments``).
 
 >>> bench = Workbench.open("offline", data=None, quick=True)       # doctest: +SKIP
->>> cache = bench.cache("color")        # every layer x prompt position  # doctest: +SKIP
->>> loc = bench.localize("color")       # Algorithm 1 with the user's keywords      # doctest: +SKIP
->>> sample_size_ablation(bench, "color")                            # Table 6     # doctest: +SKIP
+>>> res = bench.run("color")          # run_esmc, the user's keywords  # doctest: +SKIP
+>>> sample_size_ablation(bench, "color")                            # Table 6  # doctest: +SKIP
+
+Keywords are label-free unless asked otherwise: ``"user"`` is a list written in esmc_lens
+for each known criterion (:data:`KNOWN_CRITERIA`: generic vocabularies such as the basic
+colour terms, never read from the dataset's folders), ``"lm"`` the local language model's
+answer; ``"class_names"`` (the folder names, so supervised) only where a table compares
+sources, and marked "supervised localization" there.
 
 Quick mode (``quick=True``) keeps 2 images per class, 2 seeds, 10 epochs and a localization
-sample of 4, so a notebook runs in well under a minute on the offline model on a CPU (most
-of it importing torch and transformers); its numbers are a smoke run, not a result. Full mode
-uses every labelled image, 10 seeds and the paper's 100 epochs.
+sample of 4: a smoke run, not a result (every table and figure says QUICK). Full mode uses
+every labelled image, 10 seeds and the paper's 100 epochs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
-import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,73 +33,77 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
-from ..cluster.baselines import embed_answers, head_scores, kmeans_scores, vision_baselines
+from ..cluster.baselines import embed_answers, kmeans_scores
+from ..cluster.head import PseudoLabelHead
 from ..data.dataset import ImageDataset, load_dataset
 from ..errors import ConfigError
-from ..lens.keyword_rule import keyword_token_ids
+from ..lens.keyword_rule import keyword_token_ids, split_scorable
 from ..lens.unembed import Unembed
-from ..localization.keywords import (
-    Keywords,
-    class_name_keywords,
-    default_question,
-    lm_keywords,
-    merge,
-    user_keywords,
-)
-from ..localization.targets import target_embeddings
-from ..localization.votes import Localization, localize
+from ..localization.grid import keyword_grid
+from ..localization.keywords import Keywords, choose_keywords, merge
+from ..localization.votes import Localization
 from ..models.vlm import VLM, load_model
-from ..pipeline import target_tail_positions
-from ..report.naming import clean_token, name_clusters
-from ..report.paper_numbers import PAPER_MODEL, paper_row, paper_table
+from ..pipeline import (
+    Criterion,
+    CriterionEmbedding,
+    capture_fn,
+    cluster_criterion,
+    embed_criteria,
+    localization_sample,
+    localize_criteria,
+    run_esmc,
+)
+from ..report.naming import as_probs, clean_token
+from ..report.paper_numbers import PAPER_MODEL, beside_paper
+from ..report.plotting import provenance
+from ..report.result import EsmcResult
+from ..report.trajectory import LensTrajectory
 from ..residual.cache import ResidualCache
-from ..residual.capture import capture
+from .html_views import HtmlView, lens_explorer_view, vote_map_view
 
 __all__ = [
+    "KNOWN_CRITERIA",
     "CriterionSpec",
     "Workbench",
     "alpha_sweep",
-    "cluster_labels",
     "consistency_table",
     "cost_table",
     "criterion_specificity",
+    "failure_captions",
     "failure_cases",
     "format_table",
-    "head_labels",
     "keyword_source_ablation",
-    "keyword_view",
     "lens_examples",
-    "lens_grid",
     "lens_peak_table",
     "main_results",
     "method_ablation",
     "model_label",
-    "name_result",
-    "paper_cost",
     "prompt_robustness",
     "prompt_variants",
     "resolve_dataset",
+    "run_table",
     "sample_size_ablation",
-    "side_by_side",
 ]
-
-CACHE_FORMAT = "nb-1"  # bump when what a notebook capture holds changes
 
 
 # --------------------------------------------------------------------------------------
 # Criteria of the datasets the notebooks know
 
+# The eleven basic colour terms of English (Berlin & Kay, 1969): a user's colour list that
+# owes nothing to any dataset's folder names.
+BASIC_COLOURS = ("black", "white", "red", "green", "yellow", "blue", "brown", "purple",
+                 "pink", "orange", "gray")
+
 
 @dataclass(frozen=True)
 class CriterionSpec:
-    """One clustering criterion: its folder, prompt, nouns and the user's keyword list.
+    """One clustering criterion: its prompt, nouns and the user's keyword list.
 
-    ``keywords`` is what a user would type (a superset of plausible values, not the
-    dataset's class names); ``noun``/``object_noun`` build the keyword question for the
-    local LM and the prompt variants.
+    ``keywords`` is what a user would type: a generic vocabulary of the criterion (written
+    here, not read from the dataset's class folders); ``noun``/``object_noun`` build the
+    prompt variants.
     """
 
     name: str
@@ -110,24 +116,26 @@ class CriterionSpec:
 KNOWN_CRITERIA: dict[str, dict[str, CriterionSpec]] = {
     "flower": {
         "color": CriterionSpec("color", "The color of the flower is", "color", "flower",
-                               ("red", "white", "pink", "yellow", "purple", "orange", "blue",
-                                "violet")),
+                               BASIC_COLOURS),
         "species": CriterionSpec("species", "The species of the flower is", "species",
                                  "flower", ("rose", "tulip", "daisy", "lily", "sunflower",
-                                            "orchid", "hyacinth", "iris", "daffodil")),
+                                            "orchid", "iris", "daffodil", "peony", "poppy",
+                                            "carnation", "lotus", "hyacinth", "dandelion",
+                                            "marigold")),
     },
     "synthetic": {
         "color": CriterionSpec("color", "The color of the object is", "color", "object",
-                               ("red", "green", "blue", "yellow", "orange", "purple", "pink")),
+                               BASIC_COLOURS),
         "shape": CriterionSpec("shape", "The shape of the object is", "shape", "object",
-                               ("circle", "square", "triangle", "star", "rectangle", "oval")),
+                               ("circle", "square", "triangle", "star", "rectangle", "oval",
+                                "hexagon", "diamond", "heart", "cross")),
         "background": CriterionSpec("background", "The color of the background is", "color",
-                                    "background", ("white", "black", "gray", "brown", "blue",
-                                                   "green")),
+                                    "background", BASIC_COLOURS),
     },
 }
 # The criterion a quick run studies first (the paper's Figure 3 shows color first).
 PREFERRED_ORDER = ("color", "species", "shape", "type", "background")
+SUPERVISED = "supervised localization"
 
 
 def model_label(vlm: VLM) -> str:
@@ -158,10 +166,6 @@ def _guess_spec(criterion: str, object_noun: str = "object") -> CriterionSpec:
                          object_noun, ())
 
 
-# --------------------------------------------------------------------------------------
-# The workbench: model + dataset + settings + memoised captures
-
-
 def resolve_dataset(data: str | Path | None, dataset: str, outputs: Path,
                     n_synthetic: int) -> tuple[ImageDataset, str, str]:
     """(dataset, name, why) from ``data``/``dataset``, or the synthetic dataset as fallback."""
@@ -184,7 +188,7 @@ def resolve_dataset(data: str | Path | None, dataset: str, outputs: Path,
 
 @dataclass
 class Settings:
-    """What quick and full mode change."""
+    """What quick and full mode change (everything else is ``run_esmc``'s default)."""
 
     per_class: int | None  # images per class (None: every labelled image)
     n_seeds: int
@@ -192,33 +196,23 @@ class Settings:
     n_samples: int  # localization sample (Algorithm 1)
     alpha: float
     batch_size: int = 8
-    top_k: int = 5
-    # Captured positions: "prompt" (every token after the image) or the last N tokens
-    # (quick mode: the criterion prompt and the chat tokens around it; the lens readout
-    # costs as much as the forward pass per position).
-    last_tokens: int | None = None
-
-    @property
-    def positions(self):
-        return "prompt" if self.last_tokens is None else slice(-self.last_tokens, None)
+    explore_images: int = 12  # images an explorer's capture holds
 
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
         if quick:
             return cls(per_class=2, n_seeds=2, epochs=10, n_samples=4, alpha=0.3,
-                       last_tokens=8)
+                       explore_images=8)
         return cls(per_class=None, n_seeds=10, epochs=100, n_samples=10, alpha=0.3)
 
 
 @dataclass
 class Workbench:
-    """Model, dataset and settings of a notebook, with captures computed once and reused.
+    """Model, dataset and settings of a notebook; runs of the pipeline, kept for reuse.
 
-    Captures are kept in memory and written under ``outputs/captures/<key>`` (key = hash of
-    model, images, prompt, keywords and capture settings), so re-running a cell, a notebook,
-    or another notebook on the same images and prompt reads them back. So are the per-seed
-    scores of the head and of k-means and the named fit (keyed by the capture, the target
-    cells and the settings): every notebook that evaluates the same target reuses them.
+    Runs are memoised in memory by their settings; their captures live in the pipeline's
+    disk cache under ``outputs/captures`` (a re-run cell, notebook or CLI call with the same
+    settings reads them back instead of capturing again).
     """
 
     vlm: VLM
@@ -231,16 +225,15 @@ class Workbench:
     figures: Path
     source_note: str = ""
     seed: int = 0
-    disk_cache: bool = True
-    _mem: dict = field(default_factory=dict, repr=False)
-    timings: dict = field(default_factory=dict, repr=False)
+    _runs: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
 
     # -- construction ------------------------------------------------------------------
     @classmethod
     def open(cls, model: str | VLM = "offline", data: str | Path | None = None,
              dataset: str = "flower", quick: bool = True, outputs: str | Path = "outputs",
              figures: str | Path = "figures", n_synthetic: int | None = None,
-             disk_cache: bool = True, verbose: bool = True) -> Workbench:
+             settings: Settings | None = None, verbose: bool = True) -> Workbench:
         """Load ``model`` and the dataset ``data/dataset`` (synthetic when missing)."""
         outputs, figures = Path(outputs), Path(figures)
         n_syn = n_synthetic or (24 if quick else 120)
@@ -252,8 +245,8 @@ class Workbench:
         order = sorted(specs, key=lambda c: (PREFERRED_ORDER.index(c)
                                              if c in PREFERRED_ORDER else 99, c))
         bench = cls(vlm=vlm, dataset=ds, name=name, criteria={c: specs[c] for c in order},
-                    quick=quick, settings=Settings.for_mode(quick), outputs=outputs,
-                    figures=figures, source_note=note, disk_cache=disk_cache)
+                    quick=quick, settings=settings or Settings.for_mode(quick),
+                    outputs=outputs, figures=figures, source_note=note)
         if verbose:
             print(bench.describe())
         return bench
@@ -261,16 +254,25 @@ class Workbench:
     def describe(self) -> str:
         s = self.settings
         per = f"{s.per_class} images per class" if s.per_class else "every labelled image"
-        pos = (f"last {s.last_tokens} tokens" if s.last_tokens else "every prompt token")
+        kw = "; ".join(f"{c}: {self.keyword_note(c)}" for c in self.criteria)
         return (f"model: {self.model}\ndata: {self.source_note}\n"
                 f"mode: {'QUICK (smoke run, not a result)' if self.quick else 'full'}: {per}, "
-                f"{s.n_seeds} seeds, {s.epochs} epochs, localization sample {s.n_samples}, "
-                f"{pos} captured\n"
-                f"criteria: {', '.join(f'{c} ({v.prompt!r})' for c, v in self.criteria.items())}")
+                f"{s.n_seeds} seeds, {s.epochs} epochs, localization sample {s.n_samples}\n"
+                f"criteria: {', '.join(f'{c} ({v.prompt!r})' for c, v in self.criteria.items())}"
+                f"\nkeywords (label-free): {kw}")
 
     @property
     def model(self) -> str:
         return model_label(self.vlm)
+
+    @property
+    def fig(self) -> dict:
+        """Keyword arguments of every notebook figure: the model, and QUICK."""
+        return {"model": self.model, "quick": self.quick}
+
+    @property
+    def capture_dir(self) -> Path:
+        return self.outputs / "captures"
 
     @property
     def focus(self) -> list[str]:
@@ -280,9 +282,9 @@ class Workbench:
 
     @property
     def unembed(self) -> Unembed:
-        if "unembed" not in self._mem:
-            self._mem["unembed"] = Unembed.from_model(self.vlm)
-        return self._mem["unembed"]
+        if "unembed" not in self._memo:
+            self._memo["unembed"] = Unembed.from_model(self.vlm)
+        return self._memo["unembed"]
 
     @property
     def seeds(self) -> list[int]:
@@ -291,19 +293,19 @@ class Workbench:
     # -- images ------------------------------------------------------------------------
     def images(self, criterion: str) -> ImageDataset:
         """The labelled images of ``criterion`` (quick: ``per_class`` per class, fixed)."""
-        if ("images", criterion) not in self._mem:
+        if ("images", criterion) not in self._memo:
             self._choose_images()
-        return self._mem[("images", criterion)]
+        return self._memo[("images", criterion)]
 
     def _choose_images(self) -> None:
-        """Per-criterion subsets, chosen in criterion order; a later criterion takes the
-        images an earlier one chose first (so an image can be shown under every criterion)
-        and fills each class at random (seeded)."""
+        """Per-criterion subsets in the dataset's order; in quick mode a later criterion
+        takes the images an earlier one chose first (so an image can be shown under every
+        criterion) and fills each class at random (seeded)."""
         names = np.asarray(self.dataset.names)
         chosen: set[str] = set()
         for crit in self.criteria:
             y = self.dataset.y(crit)
-            keep: list[str] = []
+            keep: set[str] = set()
             rng = np.random.default_rng(self.seed)
             n = self.settings.per_class
             for c in range(len(self.dataset.classes[crit])):
@@ -311,12 +313,14 @@ class Workbench:
                 if n is not None and len(members) > n:
                     prefer = [m for m in members if m in chosen][:n]
                     rest = np.setdiff1d(members, prefer)
-                    members = np.sort(np.concatenate([
-                        np.asarray(prefer, dtype=members.dtype),
-                        rng.choice(rest, n - len(prefer), replace=False)]))
-                keep.extend(members.tolist())
+                    members = np.concatenate([np.asarray(prefer, dtype=members.dtype),
+                                              rng.choice(rest, n - len(prefer),
+                                                         replace=False)])
+                keep.update(members.tolist())
             chosen.update(keep)
-            self._mem[("images", crit)] = self.dataset.subset(sorted(keep))
+            order = [m for m in self.dataset.names if m in keep]
+            self._memo[("images", crit)] = (self.dataset if len(order) == len(names)
+                                            else self.dataset.subset(order))
 
     def y(self, criterion: str) -> np.ndarray:
         return self.images(criterion).y(criterion)
@@ -334,235 +338,203 @@ class Workbench:
 
     # -- keywords ----------------------------------------------------------------------
     def keywords(self, criterion: str, source: str = "user") -> Keywords:
-        """The criterion's keywords from ``source``: "user", "lm" or "class_names"."""
+        """The criterion's keywords from ``source``: ``"user"`` (the list written in
+        :data:`KNOWN_CRITERIA`), ``"lm"`` (the local LM's answer, as the pipeline asks it)
+        or ``"class_names"`` (the folder names: supervised)."""
         key = ("kw", criterion, source)
-        if key not in self._mem:
+        if key not in self._memo:
             spec = self.criteria[criterion]
-            if source == "user":
-                kw = user_keywords(list(spec.keywords) or self.class_names(criterion))
-            elif source == "lm":
-                question = default_question(spec.noun, spec.object_noun)
-                kw = self._disk_json(("lm-keywords", self._model_key(), question),
-                                     lambda: _kw_doc(lm_keywords(self.vlm, question)))
-                kw = Keywords(kw["words"], ["lm"] * len(kw["words"]), raw=kw["raw"],
-                              question=kw["question"])
-            elif source == "class_names":
-                kw = class_name_keywords(self.dataset, criterion)
-            else:
+            if source == "user" and not spec.keywords:
+                raise ConfigError(f"no user keyword list is written for {criterion!r}: "
+                                  "use source='lm', or add one to KNOWN_CRITERIA")
+            if source not in ("user", "lm", "class_names"):
                 raise ConfigError(f"source={source!r}: use 'user', 'lm' or 'class_names'")
-            self._mem[key] = kw
-        return self._mem[key]
+            # the pipeline's stage 1, as run_esmc applies it (unscorable words dropped)
+            self._memo[key] = choose_keywords(
+                self.vlm, spec.prompt, list(spec.keywords) if source == "user" else None,
+                self.dataset, criterion, source)
+        return self._memo[key]
 
-    def all_keywords(self, criterion: str) -> Keywords:
-        """Every keyword any notebook scores for ``criterion`` (user, LM, class names)."""
-        return merge(*(self.keywords(criterion, s) for s in ("user", "lm", "class_names")))
+    def keyword_note(self, criterion: str, source: str = "user") -> str:
+        """Where the keywords come from, in words (printed by the notebooks)."""
+        if source == "user":
+            return (f"the user's list written in esmc_lens, not read from the folders "
+                    f"({', '.join(self.criteria[criterion].keywords) or 'none'})")
+        if source == "lm":
+            return "the local language model's answer to the criterion question"
+        return f"the dataset's class names: {SUPERVISED}"
 
-    # -- captures ----------------------------------------------------------------------
-    def cache(self, criterion: str, prompt: str | None = None) -> ResidualCache:
-        """Every layer at every prompt position of the criterion's images, with the lens
-        probability of every keyword, the top-5 lens tokens and the vision features.
+    # -- runs: run_esmc with the notebook's settings -------------------------------------
+    def run_settings(self, criterion: str, source: str = "user", prompt: str | None = None,
+                     **overrides) -> dict:
+        """The keyword arguments :meth:`run` passes to ``run_esmc`` (what the CLI's flags
+        set: ``--alpha --tau --n-samples --seed --n-seeds --batch-size --cache-dir``)."""
+        s = self.settings
+        kw = {"alpha": s.alpha, "tau": 0.2, "n_samples": s.n_samples, "seed": self.seed,
+              "n_seeds": s.n_seeds, "epochs": s.epochs, "batch_size": s.batch_size,
+              "baselines": True, "space": "probs"} | overrides
+        return {"criterion": criterion, "source": source,
+                "prompt": prompt or self.criteria[criterion].prompt, **kw}
 
-        Computed once per (criterion, prompt): in memory, then on disk.
+    def run(self, criterion: str, source: str = "user", prompt: str | None = None,
+            **overrides) -> EsmcResult:
+        """:func:`~esmc_lens.pipeline.run_esmc` on the criterion's images (memoised).
+
+        ``overrides``: any of :meth:`run_settings`' keys (``n_samples=5``, ``alpha=0.6``,
+        ``baselines=False`` ...).
         """
-        spec = self._cache_spec(criterion, prompt)
-        prompt, words, images = spec["prompt"], spec["keywords"], self.images(criterion)
-        key = _hash(spec)
-        if key in self._mem:
-            return self._mem[key]
-        path = self.outputs / "captures" / key
-        t = time.perf_counter()
-        cache = None
-        if self.disk_cache and (path / "cache.json").is_file():
-            try:
-                cache = ResidualCache.load(path)
-                how = "disk"
-            except Exception:  # a damaged cache is recomputed
-                cache = None
-        if cache is None:
-            cache = capture(self.vlm, images, prompt, keywords=words, top_k=self.settings.top_k,
-                            positions=self.settings.positions, vision=True,
-                            batch_size=self.settings.batch_size, progress=False)
-            how = "computed"
-            if self.disk_cache:
-                cache.save(path)
-        self.timings[("cache", criterion, prompt)] = {"seconds": time.perf_counter() - t,
-                                                      "how": how, "n_images": len(cache)}
-        self._mem[key] = cache
-        return cache
+        st = self.run_settings(criterion, source, prompt, **overrides)
+        key = tuple(sorted((k, repr(v)) for k, v in st.items()))
+        if key not in self._runs:
+            args = {k: v for k, v in st.items() if k not in ("criterion", "source", "prompt")}
+            words = self.keywords(criterion, source)  # raises if the LM gave none
+            # the LM's keywords are passed as given (keyword_source "auto" keeps a Keywords
+            # list as it is): the same words, not a second generation
+            how = {"user": "user", "lm": "auto", "class_names": "class_names"}[source]
+            res = run_esmc(self.vlm, self.images(criterion), st["prompt"],
+                           criterion=criterion,
+                           keywords=None if source == "class_names" else words,
+                           keyword_source=how, progress=False, cache_dir=self.capture_dir,
+                           **args)
+            self._runs[key] = res
+            self._memo[("args", id(res))] = st
+        return self._runs[key]
 
-    def _cache_spec(self, criterion: str, prompt: str | None = None) -> dict:
-        """What :meth:`cache` captures for (criterion, prompt); its hash names the capture."""
-        words = [w for w in self.all_keywords(criterion).words if _scorable(self.vlm, w)]
-        return {"what": "cache", "format": CACHE_FORMAT, "model": self._model_key(),
-                "images": [str(p) for p in self.images(criterion).paths],
-                "prompt": prompt or self.criteria[criterion].prompt, "keywords": words,
-                "top_k": self.settings.top_k, "positions": repr(self.settings.positions)}
-
-    def _derived(self, what: str, criterion: str, cells, prompt: str | None, make, **spec):
-        """A JSON-able result computed from the capture of (criterion, prompt) at ``cells``:
-        in memory, then on disk beside the capture (keyed by the capture, ``spec`` and the
-        code that computes it: a change to the head or the metrics recomputes it)."""
-        return self._disk_json({"what": what, "capture": _hash(self._cache_spec(criterion,
-                                                                                prompt)),
-                                "cells": [[int(v) for v in c] for c in cells],
-                                "code": _code_digest(), **spec}, make)
-
-    def answers(self, criterion: str, prompt: str | None = None,
-                max_new_tokens: int = 8) -> list[str]:
-        """The model's greedy answer to the criterion prompt for each image (cached)."""
-        prompt = prompt or self.criteria[criterion].prompt
-        images = self.images(criterion)
-        spec = ("answers", self._model_key(), [str(p) for p in images.paths], prompt,
-                max_new_tokens)
-
-        def make():
-            out: list[str] = []
-            bs = self.settings.batch_size
-            for s in range(0, len(images), bs):
-                batch = [images.open(i) for i in range(s, min(s + bs, len(images)))]
-                out.extend(self.vlm.generate(batch, prompt, max_new_tokens=max_new_tokens))
-            return out
-
-        return self._disk_json(spec, make)
-
-    def _model_key(self) -> dict:
-        meta = self.vlm.metadata()
-        return {"name": self.vlm.name, "offline": meta.get("offline_model"),
-                "dtype": meta["dtype"], "style": self.vlm.prompt_style,
-                "n_layers": meta["n_layers"], "vocab": meta["vocab_size"]}
-
-    def _disk_json(self, spec, make):
-        key = _hash(spec)
-        if key in self._mem:
-            return self._mem[key]
-        path = self.outputs / "captures" / f"{key}.json"
-        value = None
-        if self.disk_cache and path.is_file():
-            try:
-                value = json.loads(path.read_text())
-            except (OSError, ValueError):
-                value = None
-        if value is None:
-            value = make()
-            if self.disk_cache:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".part")
-                tmp.write_text(json.dumps(value))
-                tmp.replace(path)
-        self._mem[key] = value
-        return value
-
-    # -- steps -------------------------------------------------------------------------
     def localize(self, criterion: str, source: str = "user", prompt: str | None = None,
-                 n_samples: int | None = None, tau: float = 0.2,
-                 seed: int | None = None) -> Localization:
-        """Algorithm 1 on the criterion's capture with the keywords of ``source``."""
-        cache = keyword_view(self.cache(criterion, prompt), self.keywords(criterion, source))
-        return localize(cache, tau=tau, n_samples=n_samples or self.settings.n_samples,
-                        seed=self.seed if seed is None else seed)
+                 **overrides) -> Localization:
+        """Algorithm 1 alone, as :meth:`run` would localize (the pipeline's keyword,
+        sample and localization stages with the same settings; no embedding, no
+        clustering): for views that show where a criterion is found and nothing else."""
+        st = self.run_settings(criterion, source, prompt, **overrides)
+        key = ("loc", tuple(sorted((k, repr(v)) for k, v in st.items())))
+        if key not in self._memo:
+            images = self.images(criterion)
+            sample = localization_sample(len(images), st["n_samples"], st["seed"])
+            crit = Criterion(criterion, st["prompt"])
+            self._memo[key] = localize_criteria(
+                self.vlm, images, [crit], {criterion: self.keywords(criterion, source)},
+                sample, tau=st["tau"], seed=st["seed"], batch_size=st["batch_size"],
+                cache_dir=self.capture_dir, progress=False)[criterion][1]
+        return self._memo[key]
 
-    def features(self, criterion: str, targets, prompt: str | None = None,
-                 space: str = "probs") -> np.ndarray:
-        """Target embeddings of every image (paper: vocabulary space, softmax)."""
-        cells = tuple(tuple(int(v) for v in c) for c in getattr(targets, "targets", targets))
-        key = ("X", criterion, prompt, cells, space)
-        if key not in self._mem:
-            self._mem[key] = target_embeddings(self.cache(criterion, prompt), list(cells),
-                                               space=space, unembed=self.unembed)
-        return self._mem[key]
+    def stages(self, res: EsmcResult) -> tuple[ResidualCache, Localization,
+                                                CriterionEmbedding]:
+        """A run's localization capture, localization and target embedding, from the
+        pipeline's own stage functions with the run's settings (its captures are read back
+        from the disk cache): what the figures of a run need beyond its result."""
+        key = ("stages", id(res))
+        if key not in self._memo:
+            st = self._memo[("args", id(res))]
+            images = self._images_of(res)
+            crit = Criterion(res.criterion, res.prompt)
+            sample = localization_sample(len(images), st["n_samples"], st["seed"])
+            localized = localize_criteria(
+                self.vlm, images, [crit], {res.criterion: res.keywords}, sample,
+                tau=st["tau"], seed=st["seed"], batch_size=st["batch_size"],
+                cache_dir=self.capture_dir, progress=False)
+            emb = embed_criteria(self.vlm, images, [crit], localized, space=st["space"],
+                                 batch_size=st["batch_size"], vision=st["baselines"],
+                                 cache_dir=self.capture_dir, progress=False)[res.criterion]
+            loc_cache, loc = localized[res.criterion]
+            if loc.targets != res.target or emb.cells != res.target_positions:
+                raise ConfigError("the stages gave other targets than the run: the disk cache "
+                                  f"at {self.capture_dir} does not hold this run's captures")
+            self._memo[key] = (res, loc_cache, loc, emb)
+        return self._memo[key][1:]
 
-    def evaluate(self, criterion: str, targets, prompt: str | None = None,
-                 alpha: float | None = None, kmeans: bool = True) -> dict[str, pd.DataFrame]:
-        """Per-seed scores of ESMC (head) and, with ``kmeans``, ESMC w/o head (k-means)."""
-        cells = tuple(tuple(int(v) for v in c) for c in getattr(targets, "targets", targets))
-        alpha = self.settings.alpha if alpha is None else alpha
-        key = ("eval", criterion, prompt, cells, alpha, kmeans, tuple(self.seeds),
-               self.settings.epochs)
-        if key not in self._mem:
-            def make():
-                X = self.features(criterion, cells, prompt)
-                y, k = self.y(criterion), self.n_clusters(criterion)
-                return _frame_doc(head_scores(X, y, k, alpha, seeds=self.seeds,
-                                              epochs=self.settings.epochs))
+    def embeddings(self, res: EsmcResult) -> np.ndarray:
+        """The target embeddings a run clustered [n_images, dim] (:meth:`stages`)."""
+        return self.stages(res)[2].X
 
-            out = {"ESMC": _doc_frame(self._derived("head_scores", criterion, cells, prompt,
-                                                    make, alpha=alpha, seeds=self.seeds,
-                                                    epochs=self.settings.epochs))}
-            if kmeans:
-                out["ESMC w/o head"] = self._kmeans(criterion, cells, prompt)
-            self._mem[key] = out
-        return self._mem[key]
+    def vocab_probs(self, res: EsmcResult) -> np.ndarray:
+        """The lens distribution at a run's (first) target [n_images, |V|]."""
+        return as_probs(self.stages(res)[2].vocab, "auto")
 
-    def _kmeans(self, criterion, cells, prompt) -> pd.DataFrame:
-        key = ("kmeans", criterion, prompt, cells, tuple(self.seeds))
-        if key not in self._mem:
-            def make():
-                X = self.features(criterion, cells, prompt)
-                return _frame_doc(kmeans_scores(X, self.y(criterion),
-                                                self.n_clusters(criterion), seeds=self.seeds))
+    def _images_of(self, res: EsmcResult) -> ImageDataset:
+        for crit in self.criteria:
+            if list(self.images(crit).names) == list(res.image_ids):
+                return self.images(crit)
+        raise ConfigError("this run's images are none of the workbench's criteria")
 
-            self._mem[key] = _doc_frame(self._derived("kmeans_scores", criterion, cells,
-                                                      prompt, make, seeds=self.seeds))
-        return self._mem[key]
+    def explore_cache(self, criterion: str, prompt: str | None = None) -> ResidualCache:
+        """Every layer at every prompt position of the criterion's first
+        ``settings.explore_images`` images, with the lens probability of every keyword of
+        the user and LM lists and the top-5 lens tokens: what the explorers and the lens
+        figures show (the disk cache keeps it)."""
+        prompt = prompt or self.criteria[criterion].prompt
+        key = ("explore", criterion, prompt)
+        if key not in self._memo:
+            ds = self.images(criterion)
+            names = ds.names[: self.settings.explore_images]
+            sub = ds.subset(names)
+            words = [w for w in merge(*self._sources(criterion)).words if _scorable(self.vlm, w)]
+            self._memo[key] = capture_fn(self.capture_dir)(
+                self.vlm, sub, prompt, keywords=words, top_k=5, image_ids=list(names),
+                batch_size=self.settings.batch_size, progress=False)
+        return self._memo[key]
 
-    def table(self, rows: list[dict]) -> pd.DataFrame:
-        """A results table with this workbench's model and dataset in every row."""
-        df = pd.DataFrame(rows)
+    def _sources(self, criterion: str) -> list[Keywords]:
+        out = []
+        for src in ("user", "lm"):
+            try:
+                out.append(self.keywords(criterion, src))
+            except ConfigError:
+                continue
+        return out
+
+    # -- views -------------------------------------------------------------------------
+    def trajectory(self, criterion: str, image: int | str = 0,
+                   keyword: str | None = None) -> LensTrajectory:
+        """The prediction trajectory of an explored image (index or id), tuned-lens style."""
+        cache = self.explore_cache(criterion)
+        i = cache.image_ids.index(image) if isinstance(image, str) else image
+        return LensTrajectory.from_cache(cache, i, self.unembed, self.vlm.tokenizer,
+                                         keyword=keyword)
+
+    def lens_view(self, criterion: str, keywords: Sequence[str] | None = None) -> HtmlView:
+        """A static (kernel-free) lens explorer of the explored images."""
+        cache = self.explore_cache(criterion)
+        words = list(keywords or merge(*self._sources(criterion)).words)
+        words = [w for w in words if _scorable(self.vlm, w)]
+        return lens_explorer_view(cache, self.unembed, self.vlm.tokenizer, words,
+                                  images=self.images(criterion), **self.fig)
+
+    def vote_view(self, criterion: str, link: HtmlView | None = None,
+                  source: str = "user") -> HtmlView:
+        """A static vote map of the explored images with ``source``'s keywords."""
+        cache = self.explore_cache(criterion)
+        words = [w for w in self.keywords(criterion, source).words
+                 if _scorable(self.vlm, w)]
+        return vote_map_view(cache, words, unembed=self.unembed,
+                             tokenizer=self.vlm.tokenizer, link=link, **self.fig)
+
+    # -- tables ------------------------------------------------------------------------
+    def table(self, rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+        """A results table with this workbench's model and dataset in every row (and
+        ``mode = QUICK`` in a quick run)."""
+        df = pd.DataFrame(rows).copy()
         df.insert(0, "model", self.model)
         df.insert(1, "dataset", self.name)
+        if self.quick:
+            df.insert(2, "mode", "QUICK")
         return df
+
+    def show(self, df: pd.DataFrame, title: str):
+        """A table for display: helper columns dropped, floats rounded, the title with the
+        model and (quick mode) QUICK as its caption."""
+        shown = format_table(df)
+        head = f"QUICK · {title}" if self.quick else title
+        return (shown.style.set_caption(f"{head} — {provenance(self.model, self.quick)}")
+                .format(precision=4, na_rep="—").hide(axis="index"))
 
 
 def _scorable(vlm: VLM, word: str) -> bool:
-    try:
-        keyword_token_ids(vlm.tokenizer, [word])
-    except ConfigError:
-        return False
-    return True
+    return _scorable_by(vlm.tokenizer, word)
 
 
-def _kw_doc(kw: Keywords) -> dict:
-    return {"words": kw.words, "raw": kw.raw, "question": kw.question}
-
-
-@functools.cache
-def _code_digest() -> str:
-    """Digest of the modules the cached scores come from (head, baselines, metrics, targets)."""
-    from ..cluster import baselines, head, metrics
-    from ..localization import targets
-
-    h = hashlib.sha256()
-    for module in (baselines, head, metrics, targets):
-        h.update(Path(module.__file__).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _frame_doc(df: pd.DataFrame) -> dict:
-    return df.to_dict(orient="tight")
-
-
-def _doc_frame(doc: dict) -> pd.DataFrame:
-    return pd.DataFrame.from_dict(doc, orient="tight")
-
-
-def _hash(spec) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def keyword_view(cache: ResidualCache, words: Sequence[str] | Keywords) -> ResidualCache:
-    """The cache with its keyword probabilities restricted to ``words`` (in that order).
-
-    Words the cache did not score are dropped (their lens probability is not stored).
-    """
-    if cache.keywords is None or cache.keyword_probs is None:
-        raise ConfigError("the cache holds no keyword probabilities: capture with keywords=")
-    have = {w.lower(): j for j, w in enumerate(cache.keywords)}
-    idx = [have[w.strip().lower()] for w in words if w.strip().lower() in have]
-    if not idx:
-        raise ConfigError(f"none of {list(words)} was scored in the capture; its keywords "
-                          f"are {cache.keywords}")
-    return dataclasses.replace(cache, keywords=[cache.keywords[j] for j in idx],
-                               keyword_probs=cache.keyword_probs[..., idx])
+def _scorable_by(tokenizer, word: str) -> bool:
+    """Whether the keyword rule can score ``word`` with this tokenizer."""
+    return bool(split_scorable(tokenizer, [word])[0])
 
 
 def _ms(df: pd.DataFrame, metric: str) -> tuple[float, float]:
@@ -571,74 +543,76 @@ def _ms(df: pd.DataFrame, metric: str) -> tuple[float, float]:
 
 
 def _fmt(mean: float, std: float | None = None) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    if mean is None or (isinstance(mean, float) and np.isnan(mean)):
         return "n/a"
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def _targets(res: EsmcResult) -> str:
+    return ", ".join(res.target_labels)
+
+
+def format_table(df: pd.DataFrame) -> pd.DataFrame:
+    """A table for display: ``<m>_mean`` dropped where a ``"mean ± std"`` column ``<m>``
+    shows it, floats rounded to 4 digits."""
+    drop = [c for c in df.columns if c.endswith("_mean") and c[:-5] in df.columns]
+    return df.drop(columns=drop).round(4)
+
+
+def _keyword_prob(P: np.ndarray, tokenizer, word: str) -> np.ndarray:
+    """Lens probability of ``word`` at the (first) target of every image, from the lens
+    distribution there ``P`` [n, |V|]: the keyword rule's tokens summed."""
+    if not _scorable_by(tokenizer, word):  # e.g. "hyacinth" for SmolLM2: no score, no guess
+        return np.full(P.shape[0], np.nan)
+    group = keyword_token_ids(tokenizer, [word]).groups[0]
+    return P[:, group].sum(axis=1)
 
 
 # --------------------------------------------------------------------------------------
 # Notebook 2: the logit lens across layers and prompt positions (Figures 3, 7, 8)
 
 
-def lens_grid(cache: ResidualCache, image: int, keyword: str, unembed: Unembed | None = None,
-              tokenizer=None) -> pd.DataFrame:
-    """Lens probability of ``keyword`` at every (layer, prompt position) of one image.
-
-    Read from the capture when it scored the keyword, else computed from the stored states
-    (needs ``unembed`` and ``tokenizer``). Index: stream index (``layer``); columns:
-    position labels ``"seq_index:token"``.
-    """
-    from ..lens.readout import keyword_probs
-    from ..localization.votes import cell_labels
-
-    words = [w.lower() for w in (cache.keywords or [])]
-    if keyword.strip().lower() in words and cache.keyword_probs is not None:
-        values = cache.keyword_probs[image, :, :, words.index(keyword.strip().lower())]
-    else:
-        if unembed is None or tokenizer is None:
-            raise ConfigError(f"{keyword!r} was not scored in the capture: pass unembed= and "
-                              "tokenizer= to compute it from the states")
-        groups = keyword_token_ids(tokenizer, [keyword]).groups
-        values = keyword_probs(cache.states[image].float(), unembed, groups)[..., 0]
-    values = values.float().numpy().copy()
-    values[:, (cache.positions[image] < 0).numpy()] = np.nan
-    return pd.DataFrame(values, index=pd.Index(cache.stream, name="layer"),
-                        columns=pd.Index(cell_labels(cache), name="position"))
-
-
 def lens_examples(bench: Workbench, n_images: int = 3) -> list[dict]:
     """For ``n_images`` images (different classes of the first criterion): per criterion,
-    the lens grid of the image's true class name and of a wrong class name (Figure 3)."""
+    the lens grid of the image's true class name and of a wrong class name (Figure 3: an
+    explanation of what the lens holds, not a localization: no result depends on it).
+    A class name the keyword rule cannot score gets no panel."""
     first = next(iter(bench.criteria))
-    ds = bench.images(first)
-    y = ds.y(first)
-    shared = set(ds.names).intersection(*(bench.images(c).names for c in bench.criteria))
+    caches = {c: bench.explore_cache(c) for c in bench.criteria}
+    ids0 = caches[first].image_ids
+    ds0 = bench.images(first)
+    y0 = ds0.y(first)
+    shared = set(ids0).intersection(*(caches[c].image_ids for c in bench.criteria))
     picks = []
     for c in range(len(bench.class_names(first))):  # one image per class, shown everywhere
-        hits = [i for i in np.flatnonzero(y == c) if ds.names[int(i)] in shared] or \
-            np.flatnonzero(y == c).tolist()
+        hits = [n for n in ids0 if y0[ds0.names.index(n)] == c and n in shared] or \
+            [n for n in ids0 if y0[ds0.names.index(n)] == c]
         if hits:
-            picks.append(ds.names[int(hits[0])])
+            picks.append(hits[0])
         if len(picks) == n_images:
             break
     out = []
     for name in picks:
         item = {"image_id": name, "panels": []}
-        for crit in bench.criteria:
-            cds = bench.images(crit)
-            if name not in cds.names:
+        for crit, cache in caches.items():
+            if name not in cache.image_ids:
                 continue
-            i = cds.names.index(name)
-            cache = bench.cache(crit)
-            classes = bench.class_names(crit)
-            true = classes[int(cds.y(crit)[i])]
+            i = cache.image_ids.index(name)
+            cds = bench.images(crit)
+            tok = bench.vlm.tokenizer
+            classes = [c for c in bench.class_names(crit) if _scorable_by(tok, c)]
+            true = bench.class_names(crit)[int(cds.y(crit)[cds.names.index(name)])]
+            if true not in classes or len(classes) < 2:
+                continue  # the lens cannot score this class name: no panel, not a guess
             wrong = next(c for c in classes if c != true)
             for kw, is_true in ((true, True), (wrong, False)):
-                grid = lens_grid(cache, i, kw, bench.unembed, bench.vlm.tokenizer)
+                grid = keyword_grid(cache, i, kw, bench.unembed, bench.vlm.tokenizer)
                 item["panels"].append({"criterion": crit, "keyword": kw, "true": is_true,
-                                       "grid": grid, "prompt": bench.criteria[crit].prompt})
-            item.setdefault("image", cds.open(i))
-        out.append(item)
+                                       "grid": grid, "tokens": cache.tokens[i],
+                                       "prompt": bench.criteria[crit].prompt})
+            item.setdefault("image", cds.open(cds.names.index(name)))
+        if item["panels"]:
+            out.append(item)
     return out
 
 
@@ -664,124 +638,82 @@ def lens_peak_table(bench: Workbench, examples: list[dict]) -> pd.DataFrame:
 def sample_size_ablation(bench: Workbench, criterion: str,
                          sizes: Sequence[int] = (3, 5, 10, 20),
                          source: str = "user") -> pd.DataFrame:
-    """Table 6: the target chosen from ``n`` sampled images and the final NMI there."""
+    """Table 6: the target chosen from ``n`` sampled images and the final NMI there (one
+    run per ``n``), the paper's column beside ours."""
     rows = []
     n_all = len(bench.images(criterion))
     for n in sizes:
-        loc = bench.localize(criterion, source, n_samples=n)
-        ev = bench.evaluate(criterion, loc, kmeans=False)["ESMC"]
-        m, s = _ms(ev, "nmi")
+        res = bench.run(criterion, source, n_samples=n, baselines=False)
+        m, s = _ms(res.per_seed["ESMC"], "nmi")
         rows.append({"criterion": criterion, "n_samples": n, "n_sampled": min(n, n_all),
-                     "target": ", ".join(loc.label(c) for c in loc.targets),
-                     "votes": f"{loc.max_votes}/{loc.n_pairs}", "nmi_mean": m, "nmi_std": s})
-    return bench.table(rows)
+                     "target": _targets(res),
+                     "votes": f"{res.localization.max_votes}/{res.localization.n_pairs}",
+                     "nmi": _fmt(m, s), "nmi_mean": m})
+    return beside_paper(bench.table(rows), "table6", bench.name)
 
 
 def keyword_source_ablation(bench: Workbench, criterion: str,
                             sources: Sequence[str] = ("user", "lm", "class_names")
                             ) -> pd.DataFrame:
-    """Table 7: keywords from the user, the local LM and the class names; target and NMI."""
+    """Table 7: keywords from the user's list, the local LM and the class names (that row
+    is supervised and says so); target and NMI, the paper's column beside ours."""
     rows = []
     for src in sources:
-        kw = bench.keywords(criterion, src)
         row = {"criterion": criterion, "keyword_source": src,
-               "keywords": ", ".join(kw.words) or "(none parsed)"}
+               "localization": SUPERVISED if src == "class_names" else "label-free"}
         try:
-            loc = bench.localize(criterion, src)
+            res = bench.run(criterion, src, baselines=False)
         except ConfigError as exc:  # e.g. the LM answered no usable word
-            rows.append(row | {"target": "n/a", "votes": "", "nmi_mean": np.nan,
-                               "nmi_std": np.nan, "note": str(exc)[:120]})
+            rows.append(row | {"keywords": "(none parsed)", "target": "n/a", "votes": "",
+                               "nmi": "n/a", "nmi_mean": np.nan, "note": str(exc)[:120]})
             continue
-        ev = bench.evaluate(criterion, loc, kmeans=False)["ESMC"]
-        m, s = _ms(ev, "nmi")
-        rows.append(row | {"target": ", ".join(loc.label(c) for c in loc.targets),
-                           "votes": f"{loc.max_votes}/{loc.n_pairs}", "nmi_mean": m,
-                           "nmi_std": s, "note": loc.message[:120]})
-    return bench.table(rows)
+        m, s = _ms(res.per_seed["ESMC"], "nmi")
+        rows.append(row | {"keywords": ", ".join(res.keywords.words) or "(none parsed)",
+                           "target": _targets(res),
+                           "votes": f"{res.localization.max_votes}/{res.localization.n_pairs}",
+                           "nmi": _fmt(m, s), "nmi_mean": m,
+                           "note": res.localization.message[:120]})
+    return beside_paper(bench.table(rows), "table7", bench.name)
 
 
 # --------------------------------------------------------------------------------------
 # Notebook 4: main results (Tables 1 and 2) with named clusters
 
 
+def run_table(bench: Workbench, res: EsmcResult) -> pd.DataFrame:
+    """Every method's NMI and RI (mean ± std over seeds) of one run, the paper's Table 3
+    (same dataset and criterion) beside ours."""
+    rows = _method_rows(res, res.criterion, ("ESMC", "ESMC w/o head", "Output", "Vision only"))
+    return beside_paper(bench.table(rows), "table3", bench.name, ("nmi", "ri"))
+
+
+def _method_rows(res: EsmcResult, criterion: str, methods: Sequence[str]) -> list[dict]:
+    rows = []
+    # "Vision only" stands for each of its variants ("Vision only (EfficientNet pooled)", ...)
+    chosen = [m for want in methods for m in res.per_seed
+              if m == want or m.startswith(f"{want} (")]
+    for method in chosen:
+        nmi, ri = _ms(res.per_seed[method], "nmi"), _ms(res.per_seed[method], "ri")
+        rows.append({"criterion": criterion, "method": method, "target": _targets(res),
+                     "nmi": _fmt(*nmi), "ri": _fmt(*ri), "nmi_mean": nmi[0],
+                     "ri_mean": ri[0]})
+    return rows
+
+
 def main_results(bench: Workbench, criteria: Sequence[str] | None = None,
                  source: str = "user") -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    """ESMC, ESMC w/o head and the vision-only baseline per criterion, NMI and RI
-    (mean ± std over seeds), with the paper's ESMC numbers beside ours; and the named
-    clusters of each criterion (seed ``bench.seed``)."""
+    """ESMC, ESMC w/o head and the vision-only baseline per criterion, NMI and RI (mean ±
+    std over seeds) of one run each, with the paper's ESMC (Tables 1 and 2) beside ours;
+    and the named clusters of each run."""
     rows, named = [], {}
     for crit in criteria or list(bench.criteria):
-        loc = bench.localize(crit, source)
-        ev = bench.evaluate(crit, loc)
-        cache = bench.cache(crit)
-        y, k = bench.y(crit), bench.n_clusters(crit)
-        ev = dict(ev) | vision_baselines(cache, y, k, seeds=bench.seeds)
-        t1 = paper_row(bench.name, crit, "table1")
-        t2 = paper_row(bench.name, crit, "table2")
-        for method, df in ev.items():
-            nmi, ri = _ms(df, "nmi"), _ms(df, "ri")
-            rows.append({"criterion": crit, "method": method,
-                         "target": ", ".join(loc.label(c) for c in loc.targets),
-                         "nmi": _fmt(*nmi), "ri": _fmt(*ri),
-                         "nmi_mean": nmi[0], "ri_mean": ri[0],
-                         f"paper_nmi ({PAPER_MODEL})": t1["ESMC"] if t1 and method == "ESMC"
-                         else np.nan,
-                         f"paper_ri ({PAPER_MODEL})": t2["ESMC"] if t2 and method == "ESMC"
-                         else np.nan})
-        named[crit] = name_result(bench, crit, loc)
-    return bench.table(rows), named
-
-
-def head_labels(X: np.ndarray, k: int, alpha: float, seed: int, epochs: int):
-    """(labels, probabilities, fitted head) of one ESMC head fit."""
-    from ..cluster.head import PseudoLabelHead
-
-    head = PseudoLabelHead(n_clusters=k, alpha=alpha, random_state=seed, epochs=epochs).fit(X)
-    return head.labels_, head.predict_proba(X), head
-
-
-def name_result(bench: Workbench, criterion: str, loc: Localization) -> pd.DataFrame:
-    """Cluster names of one ESMC fit (seed ``bench.seed``): name, size, lens tokens, purity."""
-    key = ("named", criterion, tuple(loc.targets))
-    if key not in bench._mem:
-        X = bench.features(criterion, loc)
-        s = bench.settings
-
-        def fit():
-            labels, proba, _ = head_labels(X, bench.n_clusters(criterion), s.alpha,
-                                           bench.seed, s.epochs)
-            return {"labels": labels.tolist(), "proba": proba.tolist(),
-                    "dtype": str(proba.dtype)}
-
-        doc = bench._derived("head_fit", criterion, loc.targets, None, fit, alpha=s.alpha,
-                             seed=bench.seed, epochs=s.epochs)
-        labels = np.asarray(doc["labels"], dtype=np.int64)
-        proba = np.asarray(doc["proba"], dtype=doc["dtype"])
-        kw = bench.keywords(criterion, "user")
-        df = name_clusters(X[:, : bench.unembed.vocab_size], labels, bench.vlm.tokenizer,
-                           keywords=kw.words, y_true=bench.y(criterion),
-                           class_names=bench.class_names(criterion))
-        df.insert(0, "model", bench.model)
-        bench._mem[key] = (df, labels, proba)
-    return bench._mem[key][0]
-
-
-def cluster_labels(bench: Workbench, criterion: str, loc: Localization):
-    """(labels, probabilities) of the fit :func:`name_result` named."""
-    name_result(bench, criterion, loc)
-    _, labels, proba = bench._mem[("named", criterion, tuple(loc.targets))]
-    return labels, proba
-
-
-def side_by_side(ours: pd.DataFrame, table: str, metric: str, dataset: str) -> pd.DataFrame:
-    """Our ESMC rows next to the paper's row of the same (dataset, criterion), if any."""
-    rows = []
-    for _, r in ours[ours["method"] == "ESMC"].iterrows():
-        p = paper_row(dataset, r["criterion"], table)
-        rows.append({"criterion": r["criterion"], f"ours ({r['model']})": r[f"{metric}_mean"],
-                     f"paper ESMC ({PAPER_MODEL})": p["ESMC"] if p else np.nan,
-                     f"paper Multi-Sub ({PAPER_MODEL})": p["Multi-Sub"] if p else np.nan})
-    return pd.DataFrame(rows)
+        res = bench.run(crit, source)
+        rows += _method_rows(res, crit, ("ESMC", "ESMC w/o head", "Vision only"))
+        named[crit] = bench.table(res.clusters)
+    df = beside_paper(bench.table(rows), "table1", bench.name)
+    ri = beside_paper(bench.table(rows), "table2", bench.name)
+    df[f"paper_ri ({PAPER_MODEL})"] = ri[f"paper_ri ({PAPER_MODEL})"]
+    return df, named
 
 
 # --------------------------------------------------------------------------------------
@@ -789,26 +721,13 @@ def side_by_side(ours: pd.DataFrame, table: str, metric: str, dataset: str) -> p
 
 
 def method_ablation(bench: Workbench, criteria: Sequence[str] | None = None,
-                    source: str = "user", encoder: str = "minilm") -> pd.DataFrame:
-    """Table 3: Output (answers embedded by a text encoder, then k-means) vs ESMC w/o head
-    vs ESMC, NMI and RI, with the paper's Table 3 numbers beside ours."""
+                    source: str = "user") -> pd.DataFrame:
+    """Table 3: Output (the run's generated answers embedded by the text encoder, then
+    k-means) vs ESMC w/o head vs ESMC, NMI and RI, the paper's Table 3 beside ours."""
     rows = []
     for crit in criteria or bench.focus:
-        loc = bench.localize(crit, source)
-        ev = dict(bench.evaluate(crit, loc))
-        y, k = bench.y(crit), bench.n_clusters(crit)
-        X_text = embed_answers(bench.answers(crit), encoder)
-        ev = {"Output": kmeans_scores(X_text, y, k, seeds=bench.seeds)} | ev
-        p = paper_row(bench.name, crit, "table3")
-        for method in ("Output", "ESMC w/o head", "ESMC"):
-            nmi, ri = _ms(ev[method], "nmi"), _ms(ev[method], "ri")
-            rows.append({"criterion": crit, "method": method, "nmi": _fmt(*nmi),
-                         "ri": _fmt(*ri), "nmi_mean": nmi[0], "ri_mean": ri[0],
-                         f"paper_nmi ({PAPER_MODEL})": p[f"nmi_{method}"] if p else np.nan,
-                         f"paper_ri ({PAPER_MODEL})": p[f"ri_{method}"] if p else np.nan})
-    df = bench.table(rows)
-    df.attrs["text_encoder"] = encoder
-    return df
+        rows += _method_rows(bench.run(crit, source), crit, ("Output", "ESMC w/o head", "ESMC"))
+    return beside_paper(bench.table(rows), "table3", bench.name, ("nmi", "ri"))
 
 
 def _cos_within(X: np.ndarray) -> float:
@@ -822,76 +741,66 @@ def _cos_within(X: np.ndarray) -> float:
 
 def consistency_table(bench: Workbench, criterion: str, source: str = "user",
                       encoder: str = "minilm") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Figure 4: per class, how varied the generated answers are and how consistent the
-    class keyword's lens probability at the target is.
+    """Figure 4: per class, how varied the run's generated answers are and how consistent
+    the class name's lens probability at the run's target is.
 
     Returns (per-class summary, per-image detail). Summary columns: ``n_images``,
     ``distinct_answers``, ``answer_cosine`` (mean pairwise cosine of the answers' text
     embeddings within the class), ``target_cosine`` (same for the target embeddings),
-    ``keyword_prob_mean``/``_std`` (the class name's lens probability at the target).
+    ``keyword_prob_mean``/``_std`` (the class name's lens probability at the target; NaN
+    for a class name the keyword rule cannot score).
     """
-    loc = bench.localize(criterion, source)
-    cache = bench.cache(criterion)
-    answers = bench.answers(criterion)
-    X = bench.features(criterion, loc)
+    res = bench.run(criterion, source)
+    X, P = bench.embeddings(res), bench.vocab_probs(res)
+    answers = list(res.answers)
     T = embed_answers(answers, encoder)
     y, names = bench.y(criterion), bench.class_names(criterion)
-    s, p = loc.primary
-    kv = keyword_view(cache, names)
-    have = [w.lower() for w in kv.keywords]
-    probs = kv.keyword_probs[:, cache.stream_index(s), p].float().numpy()  # [n, K']
-    detail, rows = [], []
-    for i, (yi, ans) in enumerate(zip(y, answers, strict=True)):
-        cls = names[int(yi)]
-        prob = float(probs[i, have.index(cls.lower())]) if cls.lower() in have else np.nan
-        detail.append({"image": cache.image_ids[i], "class": cls, "answer": ans,
-                       "keyword_prob": prob})
-    detail = pd.DataFrame(detail)
+    probs = {c: _keyword_prob(P, bench.vlm.tokenizer, c) for c in names}
+    detail = pd.DataFrame([{"image": res.image_ids[i], "class": names[int(yi)],
+                            "answer": answers[i],
+                            "keyword_prob": float(probs[names[int(yi)]][i])}
+                           for i, yi in enumerate(y)])
+    rows = []
     for c, cls in enumerate(names):
         m = y == c
         if not m.any():
             continue
         kp = detail.loc[m, "keyword_prob"]
-        rows.append({"criterion": criterion, "class": cls, "target": loc.label((s, p)),
+        rows.append({"criterion": criterion, "class": cls, "target": res.target_labels[0],
                      "n_images": int(m.sum()),
                      "distinct_answers": len({a.strip().lower() for a in np.asarray(answers)[m]}),
                      "answer_cosine": _cos_within(T[m]), "target_cosine": _cos_within(X[m]),
                      "keyword_prob_mean": float(kp.mean()), "keyword_prob_std": float(kp.std())})
-    detail.insert(0, "model", bench.model)
-    return bench.table(rows), detail
+    return bench.table(rows), bench.table(detail)
 
 
 def criterion_specificity(bench: Workbench, criterion: str, other: str,
                           source: str = "user") -> pd.DataFrame:
-    """Figure 5: at ``criterion``'s target, the lens probability of each image's true class
-    name under ``criterion`` vs under ``other`` (e.g. "rose" vs "pink" at the species
-    target), and how often the answer names the ``other`` criterion's value."""
-    loc = bench.localize(criterion, source)
-    cache = bench.cache(criterion)
-    ds = bench.images(criterion)
-    s, p = loc.primary
-    grid_of = {}
+    """Figure 5: at ``criterion``'s target (its run's embeddings), the lens probability of
+    each image's class name under ``criterion`` vs under ``other`` (e.g. "rose" vs "pink"
+    at the species target), and how often the answer names each."""
+    res = bench.run(criterion, source)
+    P = bench.vocab_probs(res)
     rows = []
-    answers = bench.answers(criterion)
-    for i, name in enumerate(ds.names):
+    for i, name in enumerate(res.image_ids):
         row = {"image": name}
         for crit in (criterion, other):
             yi = int(bench.dataset.y(crit)[bench.dataset.names.index(name)])
             if yi < 0:
-                row[crit] = np.nan
+                row[f"{crit}_word"], row[f"{crit}_prob"] = "", np.nan
                 continue
             word = bench.class_names(crit)[yi]
-            key = (i, word)
-            if key not in grid_of:
-                grid_of[key] = lens_grid(cache, i, word, bench.unembed, bench.vlm.tokenizer)
             row[f"{crit}_word"] = word
-            row[f"{crit}_prob"] = float(grid_of[key].loc[s].iloc[p])
-        row["answer"] = answers[i]
-        row["answer_names_" + other] = row.get(f"{other}_word", "") in answers[i].lower()
-        row["answer_names_" + criterion] = row.get(f"{criterion}_word", "") in answers[i].lower()
+            row[f"{crit}_prob"] = float(_keyword_prob(P[i:i + 1], bench.vlm.tokenizer,
+                                                      word)[0])
+        answer = res.answers[i].lower()
+        row["answer"] = res.answers[i]
+        for crit in (criterion, other):
+            row[f"answer_names_{crit}"] = bool(row[f"{crit}_word"]) and \
+                row[f"{crit}_word"].lower() in answer
         rows.append(row)
     df = bench.table(rows)
-    df.attrs["target"] = loc.label((s, p))
+    df.attrs["target"] = res.target_labels[0]
     return df
 
 
@@ -902,11 +811,12 @@ def criterion_specificity(bench: Workbench, criterion: str, other: str,
 def prompt_robustness(bench: Workbench, criteria: Sequence[str] | None = None,
                       source: str = "user", variants: Sequence[str] | None = None
                       ) -> tuple[pd.DataFrame, dict]:
-    """Table 5: the four prompt forms per criterion; target, NMI, RI. Also returns the
-    localizations (for Figure 10's heatmaps), keyed by (criterion, variant).
+    """Table 5: one run per prompt form and criterion; target, NMI, RI, the paper's
+    (Stanford_Cars) beside ours. Also returns the localizations (Figure 10's heatmaps),
+    keyed by (criterion, variant): (prompt, Localization).
 
     ``variants``: the forms to run, by name (``"Original"``, ``"Variant 1"`` ..); default
-    all four. Each form other than the original is one more capture of every image.
+    all four.
     """
     rows, locs = [], {}
     for crit in criteria or bench.focus:
@@ -917,16 +827,13 @@ def prompt_robustness(bench: Workbench, criteria: Sequence[str] | None = None,
         for variant, prompt in forms:
             if variants is not None and variant not in variants:
                 continue
-            cache = keyword_view(bench.cache(crit, prompt), bench.keywords(crit, source))
-            loc = localize(cache, n_samples=bench.settings.n_samples, seed=bench.seed)
-            ev = bench.evaluate(crit, loc, prompt=prompt, kmeans=False)["ESMC"]
-            nmi, ri = _ms(ev, "nmi"), _ms(ev, "ri")
-            locs[(crit, variant)] = (prompt, loc)
+            res = bench.run(crit, source, prompt=prompt, baselines=False)
+            nmi, ri = _ms(res.per_seed["ESMC"], "nmi"), _ms(res.per_seed["ESMC"], "ri")
+            locs[(crit, variant)] = (prompt, res.localization)
             rows.append({"criterion": crit, "variant": variant, "prompt": prompt,
-                         "target": ", ".join(loc.label(c) for c in loc.targets),
-                         "nmi": _fmt(*nmi), "ri": _fmt(*ri), "nmi_mean": nmi[0],
-                         "ri_mean": ri[0]})
-    return bench.table(rows), locs
+                         "target": _targets(res), "nmi": _fmt(*nmi), "ri": _fmt(*ri),
+                         "nmi_mean": nmi[0], "ri_mean": ri[0]})
+    return beside_paper(bench.table(rows), "table5", bench.name, ("nmi", "ri")), locs
 
 
 # --------------------------------------------------------------------------------------
@@ -935,20 +842,27 @@ def prompt_robustness(bench: Workbench, criteria: Sequence[str] | None = None,
 
 def alpha_sweep(bench: Workbench, criterion: str, alphas: Sequence[float],
                 source: str = "user") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """NMI and RI against the pseudo-label ratio alpha, and the k-means baseline (the same
-    target embeddings without the head)."""
-    loc = bench.localize(criterion, source)
+    """NMI and RI against the pseudo-label ratio alpha (the head on the run's target
+    embeddings, the run's seeds and epochs), and the run's k-means baseline (ESMC w/o
+    head)."""
+    res = bench.run(criterion, source, baselines=False)  # no answers: not shown here
+    X = bench.embeddings(res)
+    y, k = bench.y(criterion), bench.n_clusters(criterion)
+    st = res.settings
+    seeds = list(range(st["seed"], st["seed"] + st["n_seeds"]))
+    # k-means on the same embeddings: what cluster_criterion reports as "ESMC w/o head"
+    km = kmeans_scores(X, y, k, seeds=seeds)
     rows = []
-    for a in alphas:
-        ev = bench.evaluate(criterion, loc, alpha=float(a), kmeans=False)["ESMC"]
+    for a in alphas:  # the pipeline's clustering stage at another alpha
+        ev = cluster_criterion(X, y, k, alpha=float(a), seeds=seeds, epochs=st["epochs"],
+                               head_lr=st["head_lr"], baselines=False, progress=False)[0]["ESMC"]
         (nm, ns), (rm, rs) = _ms(ev, "nmi"), _ms(ev, "ri")
         rows.append({"criterion": criterion, "alpha": float(a), "nmi_mean": nm, "nmi_std": ns,
                      "ri_mean": rm, "ri_std": rs})
-    km = bench._kmeans(criterion, tuple(tuple(c) for c in loc.targets), None)
     (nm, ns), (rm, rs) = _ms(km, "nmi"), _ms(km, "ri")
     base = bench.table([{"criterion": criterion, "method": "k-means (ESMC w/o head)",
                          "nmi_mean": nm, "nmi_std": ns, "ri_mean": rm, "ri_std": rs,
-                         "target": ", ".join(loc.label(c) for c in loc.targets)}])
+                         "target": _targets(res)}])
     return bench.table(rows), base
 
 
@@ -956,18 +870,43 @@ def alpha_sweep(bench: Workbench, criterion: str, alphas: Sequence[float],
 # Notebook 8: failure cases (Figure 9)
 
 
+def failure_captions(cases: pd.DataFrame, width: int = 34) -> list[str]:
+    """Figure 9's captions: the true class, the class the image's cluster was matched to
+    (and the cluster's lens name), the lens's words at the target and the answer, wrapped
+    at word boundaries (never cut mid-phrase)."""
+    from ..report.plotting import caption_text
+
+    return [caption_text([f"true: {r.true}",
+                          f"assigned: {r.matched_class} (cluster '{r.cluster_name}', "
+                          f"p={r.confidence:.2f})",
+                          f"lens: {r.lens_top}", f"answer: {r.answer}"], width=width,
+                         max_lines=8) for r in cases.itertuples()]
+
+
 def failure_cases(bench: Workbench, criterion: str, n: int = 6,
                   source: str = "user") -> pd.DataFrame:
-    """The worst-assigned images: wrong after matching clusters to classes (Hungarian),
-    most confident first; with what the lens said at the target and what the model answered.
+    """The worst-assigned images of a run: wrong after matching its clusters to classes
+    (Hungarian), the most confident first; with the class the image's cluster was matched
+    to, what the lens said at the target and what the model answered.
+
+    Confidence is the head's probability of the assigned cluster: the run's head (seed
+    ``seed``) refitted on the run's embeddings, checked to give the run's labels.
     """
     from scipy.optimize import linear_sum_assignment
 
-    loc = bench.localize(criterion, source)
-    labels, proba = cluster_labels(bench, criterion, loc)
-    named = name_result(bench, criterion, loc)
-    names = dict(zip(named["cluster"], named["name"], strict=True))
-    y, classes = bench.y(criterion), bench.class_names(criterion)
+    res = bench.run(criterion, source)
+    X = bench.embeddings(res)
+    st = res.settings
+    head = PseudoLabelHead(n_clusters=st["n_clusters"], alpha=st["alpha"],
+                           random_state=st["seed"], epochs=st["epochs"],
+                           lr=st.get("head_lr", 1e-3)).fit(X)
+    if not np.array_equal(head.labels_, res.labels):
+        raise ConfigError("refitting the run's head gave other labels: the head is not "
+                          "deterministic here, so no confidence can be read")
+    proba = head.predict_proba(X)
+    labels, y = res.labels, bench.y(criterion)
+    classes = bench.class_names(criterion)
+    names = dict(zip(res.clusters["cluster"], res.clusters["name"], strict=True))
     k = max(len(classes), int(labels.max()) + 1)
     C = np.zeros((k, k), dtype=int)
     for a, b in zip(labels, y, strict=True):
@@ -975,29 +914,26 @@ def failure_cases(bench: Workbench, criterion: str, n: int = 6,
             C[a, b] += 1
     r, c = linear_sum_assignment(-C)
     to_class = dict(zip(r.tolist(), c.tolist(), strict=True))
-    cache = bench.cache(criterion)
-    s, p = loc.primary
-    j = cache.stream_index(s)
-    answers = bench.answers(criterion)
+    P = bench.vocab_probs(res)
     tok = bench.vlm.tokenizer
     rows = []
     for i in range(len(labels)):
         if y[i] < 0:
             continue
         matched = to_class.get(int(labels[i]), -1)
-        lens_words = [w for w in (clean_token(tok, t) for t in cache.top_ids[i, j, p].tolist())
-                      if w]
-        rows.append({"image": cache.image_ids[i], "index": i, "true": classes[int(y[i])],
+        top = np.argsort(-P[i], kind="stable")[:20]
+        words = [w for w in (clean_token(tok, int(t)) for t in top) if w]
+        rows.append({"image": res.image_ids[i], "index": i, "true": classes[int(y[i])],
                      "cluster": int(labels[i]), "cluster_name": names.get(int(labels[i]), ""),
                      "matched_class": classes[matched] if 0 <= matched < len(classes) else "",
                      "confidence": float(proba[i].max()),
                      "correct": matched == int(y[i]),
-                     "lens_top": ", ".join(lens_words[:5]), "answer": answers[i]})
+                     "lens_top": ", ".join(list(dict.fromkeys(words))[:5]),
+                     "answer": res.answers[i] if res.answers is not None else ""})
     df = pd.DataFrame(rows)
-    wrong = df[~df["correct"]].sort_values("confidence", ascending=False)
-    out = wrong.head(n).reset_index(drop=True)
-    out.insert(0, "model", bench.model)
-    out.attrs["target"] = loc.label((s, p))
+    wrong = df[~df["correct"]].sort_values("confidence", ascending=False, kind="stable")
+    out = bench.table(wrong.head(n).reset_index(drop=True))
+    out.attrs["target"] = res.target_labels[0]
     out.attrs["n_wrong"] = int((~df["correct"]).sum())
     out.attrs["n_images"] = len(df)
     return out
@@ -1009,61 +945,26 @@ def failure_cases(bench: Workbench, criterion: str, n: int = 6,
 
 def cost_table(bench: Workbench, criteria: Sequence[str] | None = None,
                epochs: int = 100) -> pd.DataFrame:
-    """Table 4 and more: wall time of ESMC's steps, measured now (nothing read from cache).
-
-    Per criterion: the localization capture (every layer and prompt position with keyword
-    probabilities, ``n_samples`` images), Algorithm 1, the target capture of every image
-    (only the target layer and position), and training the head for ``epochs`` epochs
-    (the paper's Table 4 setting) on those embeddings.
-    """
+    """Table 4 and more: wall time of ESMC's stages in one run measured now (no disk
+    cache: every capture is computed), one seed, ``epochs`` epochs (the paper's Table 4
+    trains the head for 100), the paper's head time beside ours."""
     rows = []
     dev = str(bench.vlm.device)
     for crit in criteria or bench.focus:
         images = bench.images(crit)
-        prompt = bench.criteria[crit].prompt
-        kw = bench.keywords(crit, "user").words
-        n_s = min(bench.settings.n_samples, len(images))
-        sample = [images.open(i) for i in range(n_s)]
         t = time.perf_counter()
-        loc_cache = capture(bench.vlm, sample, prompt, keywords=kw, progress=False,
-                            positions=bench.settings.positions,
-                            batch_size=bench.settings.batch_size)
-        t_loc_capture = time.perf_counter() - t
-        t = time.perf_counter()
-        loc = localize(loc_cache, n_samples=n_s)
-        t_vote = time.perf_counter() - t
-        seq, targets = target_tail_positions(loc_cache, loc.targets)
-        t = time.perf_counter()
-        tc = capture(bench.vlm, images, prompt, positions=seq,
-                     layers=sorted({s for s, _ in loc.targets}), progress=False,
-                     batch_size=bench.settings.batch_size, store_dtype=torch.float32)
-        t_target = time.perf_counter() - t
-        X = target_embeddings(tc, targets, space="probs", unembed=bench.unembed)
-        t = time.perf_counter()
-        head_labels(X, bench.n_clusters(crit), bench.settings.alpha, bench.seed, epochs)
-        t_head = time.perf_counter() - t
+        res = run_esmc(bench.vlm, images, bench.criteria[crit].prompt, criterion=crit,
+                       keywords=bench.keywords(crit, "user"), keyword_source="user",
+                       alpha=bench.settings.alpha, n_samples=bench.settings.n_samples,
+                       seed=bench.seed, n_seeds=1, epochs=epochs, baselines=False,
+                       batch_size=bench.settings.batch_size, progress=False, cache_dir=None)
+        total = time.perf_counter() - t
+        tm = res.timings
         rows.append({"criterion": crit, "device": dev, "n_images": len(images),
-                     "n_sampled": n_s, "dim": X.shape[1],
-                     "localization_capture_s": t_loc_capture, "vote_s": t_vote,
-                     "target_capture_s": t_target,
-                     "capture_per_image_s": t_target / len(images),
-                     f"head_train_s ({epochs} epochs)": t_head})
-    return bench.table(rows)
-
-
-def paper_cost(dataset: str) -> pd.DataFrame:
-    """The paper's Table 4 (head training time, RTX3090), with our dataset's row marked."""
-    df = paper_table("table4").reset_index()
-    from ..report.paper_numbers import DATASET_ALIASES
-
-    want = DATASET_ALIASES.get(dataset.lower(), dataset).lower().rstrip("s")
-    df["this_dataset"] = [d.lower().rstrip("s") == want for d in df["dataset"]]
-    return df
-
-
-def format_table(df: pd.DataFrame) -> pd.DataFrame:
-    """A table for display: ``<m>_mean`` dropped where a ``"mean ± std"`` column ``<m>``
-    shows it, floats rounded to 4 digits."""
-    drop = [c for c in df.columns if c.endswith("_mean") and c[:-5] in df.columns]
-    return df.drop(columns=drop).round(4)
-
+                     "n_sampled": len(res.settings.get("localization_sample", [])),
+                     "localization_s": tm.get("localize", np.nan),
+                     "target_capture_s": tm.get("capture", np.nan),
+                     "capture_per_image_s": tm.get("capture", np.nan) / len(images),
+                     f"head_train_s ({epochs} epochs)": tm.get("cluster", np.nan),
+                     "total_s": total})
+    return beside_paper(bench.table(rows), "table4", bench.name)

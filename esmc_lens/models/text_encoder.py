@@ -18,9 +18,10 @@ float32 rows, so cosine similarity is a dot product.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,21 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 # sentence-transformers' Pooling concatenates the enabled modes in this order.
 _POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens")
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' weight-loading progress bar off (a finished bar in a notebook is left
+    as a stale "Loading weights 0%" widget in the saved output)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
@@ -159,7 +175,8 @@ class MiniLMEncoder(TextEncoder):
         self.normalize_module = self._has_normalize(root)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
-            model = AutoModel.from_pretrained(str(root), local_files_only=True)
+            with quiet_loading():  # no "Loading weights 0%" bar left in notebook outputs
+                model = AutoModel.from_pretrained(str(root), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelError(
                 f"cannot load the sentence encoder in {root}: {exc}. Delete that folder "
@@ -276,9 +293,10 @@ class CLIPTextEncoder(TextEncoder):
             # A full CLIP checkpoint also holds the vision tower: its weights are "unexpected"
             # here by design; silence that report and check the text weights ourselves.
             hf_logging.set_verbosity_error()
-            model, info = CLIPTextModelWithProjection.from_pretrained(
-                src, config=text_config, local_files_only=local_files_only,
-                output_loading_info=True)
+            with quiet_loading():
+                model, info = CLIPTextModelWithProjection.from_pretrained(
+                    src, config=text_config, local_files_only=local_files_only,
+                    output_loading_info=True)
         except (OSError, ValueError) as exc:
             raise ModelError(
                 f"cannot load the CLIP text encoder {model_id!r}: {exc}. It needs access to "

@@ -26,6 +26,7 @@ __all__ = [
     "PAPER_MODEL",
     "PAPER_PROMPT_VARIANTS",
     "PAPER_SOURCE",
+    "beside_paper",
     "paper_row",
     "paper_scores",
     "paper_table",
@@ -221,4 +222,65 @@ def paper_scores(dataset: str, criterion: str) -> pd.DataFrame | None:
     df = pd.DataFrame({m: [row[f"{m}_{meth}"] for meth in methods] for m in ("nmi", "ri")},
                       index=pd.Index(methods, name="method"))
     df.attrs.update(model=PAPER_MODEL, source=PAPER_SOURCE)
+    return df
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    norm = lambda d: DATASET_ALIASES.get(d.lower(), d).lower().rstrip("s")  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def _paper_match(r: pd.Series, table: str, dataset: str, metrics) -> tuple[str, dict]:
+    """(the paper's dataset, {metric: value}) of the paper's row matching our row ``r``."""
+    crit = str(r.get("criterion", "")).lower()
+    if table == "table4":
+        p = paper_table(table).reset_index()
+        p = p[[_same_dataset(d, dataset) for d in p["dataset"]]]
+        return (p.iloc[0]["dataset"], {"head_train_s": p.iloc[0]["head_train_s"]}) \
+            if len(p) else ("", {})
+    if table in ("table1", "table2", "table3"):
+        method = r.get("method", "ESMC")
+        for (ds, c), row in paper_table(table).iterrows():
+            if c.lower() == crit and _same_dataset(ds, dataset):
+                vals = ({m: row.get(f"{m}_{method}") for m in metrics} if table == "table3"
+                        else {"nmi" if table == "table1" else "ri": row.get(method)})
+                vals = {m: v for m, v in vals.items() if v is not None and not pd.isna(v)}
+                return (ds, vals) if vals else ("", {})
+        return "", {}
+    p = paper_table(table)
+    p = p[p["criterion"].str.lower() == crit]
+    if table == "table5" and "variant" in r:
+        p = p[p["variant"] == r["variant"]]
+    elif table == "table6" and "n_samples" in r:
+        p = p[p["n_samples"] == int(r["n_samples"])]
+    if not len(p):
+        return "", {}
+    return p.iloc[0]["dataset"], {m: p.iloc[0][m] for m in metrics if m in p}
+
+
+def beside_paper(ours: pd.DataFrame, table: str, dataset: str,
+                 metrics: tuple[str, ...] = ("nmi",)) -> pd.DataFrame:
+    """``ours`` with the paper's numbers of ``table`` as columns beside them.
+
+    Rows are matched on what both tables have: ``criterion`` (case-insensitive) always,
+    and ``method`` (tables 1-3), ``variant`` (table 5) or ``n_samples`` (table 6); table 7's
+    three LLM keyword sources share one NMI per criterion in the paper, so every source of
+    ours gets it. Added columns: ``paper_<metric> (LLaVA-1.5-7B)`` per metric, and
+    ``paper_dataset``: the paper's dataset of that number, with ``(other dataset)`` when it
+    is not ``dataset`` (the paper's Tables 5-7 are on Stanford_Cars only). NaN where the
+    paper has no such row.
+    """
+    table = table.lower()
+    df = ours.copy()
+    found = [_paper_match(r, table, dataset, metrics) for _, r in df.iterrows()]
+    cols = {"table1": ["nmi"], "table2": ["ri"], "table4": ["head_train_s"]}.get(
+        table, list(metrics))
+    for m in cols:
+        vals = [v.get(m) for _, v in found]
+        df[f"paper_{m} ({PAPER_MODEL})"] = pd.array(
+            [float(x) if x is not None and not pd.isna(x) else float("nan") for x in vals],
+            dtype="float64")
+    df["paper_dataset"] = [
+        "" if not ds else (ds if _same_dataset(ds, dataset) else f"{ds} (other dataset)")
+        for ds, _ in found]
     return df
