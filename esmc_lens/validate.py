@@ -208,20 +208,27 @@ def is_run_file(name: str) -> bool:
 
 
 _RUN_FILES = frozenset({"results.json", "result.pkl", "assignments.csv", "scores.csv",
-                        "votes.csv", "skipped.csv"})
+                        "votes.csv", "skipped.csv", "cross_criterion.csv"})
 
 
-def run_folder_state(path: str | os.PathLike) -> str:
-    """``"absent"``, ``"empty"``, ``"run"`` (only files a run writes) or ``"other"``."""
+def run_folder_state(path: str | os.PathLike, _depth: int = 0) -> str:
+    """``"absent"``, ``"empty"``, ``"run"`` (only files a run writes: a multi-criteria run
+    also holds one such folder per criterion) or ``"other"``."""
     path = Path(path).expanduser()
     if not path.exists():
         return "absent"
     if not path.is_dir():
         return "other"
-    names = [p.name for p in path.iterdir()]
-    if not names:
+    entries = list(path.iterdir())
+    if not entries:
         return "empty"
-    return "run" if all(is_run_file(n) for n in names) else "other"
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            if _depth > 0 or run_folder_state(p, _depth + 1) != "run":
+                return "other"
+        elif not is_run_file(p.name):
+            return "other"
+    return "run"
 
 
 def temp_name(path: Path, suffix: str = "part") -> Path:
