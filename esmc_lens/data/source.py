@@ -62,6 +62,10 @@ def image_items(images) -> list:
         items = [images]
     else:
         try:
+            if iter(images) is images:  # a generator: a run reads the images more than once
+                raise ConfigError(f"images is a one-shot {type(images).__name__} (a run reads "
+                                  "the images more than once): pass a list, e.g. "
+                                  "list(images)")
             items = list(images)
         except TypeError:
             raise ConfigError(f"images is a {type(images).__name__}: expected "
