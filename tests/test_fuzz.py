@@ -546,11 +546,12 @@ CASES: list[Case] = [
         ("--n-samples", "0", ">= 1"), ("--n-samples", "-5", ">= 1"),
         ("--n-seeds", "0", ">= 1"), ("--batch-size", "0", ">= 1"),
         ("--batch-size", "-2", ">= 1"), ("--seed", "-1", "--seed"),
-        ("--seed", str(2**32), "--seed"), ("--criterion", "nope", "not a folder"),
-        ("--criterion", "path", "not a folder"), ("--prompt", "", "is empty"),
+        ("--seed", str(2**32), "--seed"), ("--criterion", "nope", "not folders of"),
+        ("--criterion", "path", "not folders of"), ("--prompt", "", "is empty"),
         ("--prompt", "   ", "is empty"), ("--prompt", "<image> is", "image placeholder"),
         ("--prompt", "red " * 700, "context"), ("--keywords", ",", "no keywords"),
-        ("--keywords", " ; ,", "no keywords"))],
+        ("--keywords", " ; ,", "no keywords"),
+        ("--keywords", "rouge,vert,bleu,jaune", "0 usable keyword"))],
     Case("bad-keyword-source-user-without-keywords",
          settings("--keyword-source", "user", "--keywords", ""), "error", "needs keywords"),
     *[Case(f"argparse-{flag[2:]}={v}", settings(flag, v), "error", "")
@@ -560,7 +561,7 @@ CASES: list[Case] = [
         ("--k", "8"), ("--k", "2"), ("--alpha", "1"), ("--alpha", "1e-9"), ("--tau", "0"),
         ("--tau", "0.999"), ("--n-samples", "100"), ("--batch-size", "1"),
         ("--batch-size", "64"), ("--seed", str(2**32 - 1)), ("--prompt", "La couleur est"),
-        ("--prompt", "色は"), ("--keywords", "rouge,vert,bleu,jaune"),
+        ("--prompt", "色は"), ("--keywords", "red,vert,bleu,jaune"),
         ("--keywords", "red"), ("--space", "logits"), ("--space", "hidden"))],
     # the capture cache, filled by a clean run, then damaged
     *[Case(f"cache-{k}-{i}", cache_damage(k), "same")
