@@ -397,9 +397,16 @@ def check_api_inputs(vlm, images, prompt, *, criterion=None, y_true=None, class_
     multi = isinstance(prompt, Mapping)  # several criteria: name -> prompt
     for p in (prompt.values() if multi else [prompt]):
         check_prompt(p, token)
-    n = len(images) if isinstance(images, ImageDataset) else len(image_items(images))
+    items = None if isinstance(images, ImageDataset) else image_items(images)
+    n = len(images) if items is None else len(items)
     if n == 0:
         raise ConfigError("no images given: pass an ImageDataset or a list of images")
+    missing = [str(p) for p in items or () if isinstance(p, str | os.PathLike)
+               and not Path(p).expanduser().is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(f"{len(missing)} image path(s) are not files: {', '.join(missing[:3])}"
+                        f"{more}: check the paths")
     if criterion is not None and not isinstance(criterion, str):
         raise ConfigError(f"criterion={criterion!r}: expected a criterion folder name (str), "
                           "e.g. 'color'")

@@ -440,6 +440,13 @@ def test_cli_settings_refused_before_the_model_loads(synth, tmp_path, capsys, no
     assert rc == 2 and match in err
 
 
+def test_the_boundary_knows_the_pipelines_choices():
+    from esmc_lens.localization.keywords import KEYWORD_SOURCES
+    from esmc_lens.validate import KEYWORD_SOURCES as CHECKED
+
+    assert CHECKED == KEYWORD_SOURCES  # validate cannot import keywords (an import cycle)
+
+
 def test_lens_checks_the_image_before_the_model_loads(tmp_path, capsys, no_model):
     rc, err = cli(capsys, "lens", "--model", "offline", "--image", tmp_path / "no.jpg",
                   "--prompt", PROMPT)
@@ -481,6 +488,9 @@ def test_api_images_and_model_types(tiny_vlm, synth, tmp_path):
     with pytest.raises(ConfigError, match=r"images is a one-shot generator .*pass a list"):
         run_esmc(tiny_vlm, (Image.new("RGB", (8, 8)) for _ in range(4)), PROMPT, n_clusters=2,
                  keywords=KEYWORDS, progress=False)
+    with pytest.raises(DataError, match=r"1 image path\(s\) are not files: .*nope.png: check"):
+        run_esmc(tiny_vlm, [tmp_path / "nope.png", *write_images(tmp_path / "i", 2)], PROMPT,
+                 n_clusters=2, keywords=KEYWORDS, progress=False)
     with pytest.raises(ConfigError, match=r"image 1 is a int"):
         capture(tiny_vlm, [Image.new("RGB", (8, 8)), 7], PROMPT, progress=False)
     floats = np.zeros((32, 32, 3), np.float32)
@@ -666,3 +676,29 @@ def test_saved_run_folder_has_exactly_the_run_files(tiny_vlm, synth, tmp_path):
     assert not (tmp_path / "o2").exists()
     assert all(p.stat().st_size > 0 for p in out.iterdir())
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_multi_criteria_run_folder_is_written_whole_too(tiny_vlm, synth, tmp_path, capsys):
+    ds = load_dataset(synth)
+    prompts = {"color": PROMPT, "shape": "The shape of the object is"}
+    fast = {k: v for k, v in FAST.items() if k not in ("criterion", "keywords")}
+    res = run_esmc(tiny_vlm, ds, prompts, keywords={"color": KEYWORDS, "shape": KEYWORDS},
+                   **fast)
+    out = res.save(tmp_path / "multi", tables={"skipped.csv": ds.skipped})
+    assert sorted(p.name for p in out.iterdir()) == ["color", "cross_criterion.csv",
+                                                     "results.json", "shape", "skipped.csv"]
+    before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(OutputError, match="already holds a saved run"):
+        res.save(out)
+    (out / "color" / "per_seed_Output.csv").write_text("a stale file of an older run")
+    with pytest.warns(EsmcWarning, match="replaced the previous run"):
+        res.save(out, overwrite=True)
+    after = {str(p) for p in out.rglob("*") if p.is_file()}
+    assert after == set(before) - {str(out / "skipped.csv")}  # this save had no tables
+    assert not (out / "color" / "per_seed_Output.csv").exists()
+    rc, err = cli(capsys, "diagnose", out, "--data", synth)
+    assert rc == 2 and "it is a multi-criteria run: pass one of its criterion folders" in err
+    assert rc == 2 and str(out / "color") in err
+    (out / "results.json").write_text('{"criteria": ["color", "sh')
+    rc, err = cli(capsys, "table", out)
+    assert rc == 2 and "is truncated or damaged" in err
