@@ -1,8 +1,8 @@
 """Issue #13: what real folders, full disks and damaged caches do to a run.
 
-Each test here failed on the code before the fix (the issue's cases and the ones found past
-it); docs/errors.md rows 47-81 point here. The fuzz harness over generated hostile inputs is
-tests/test_fuzz.py.
+Every test here but one (a regression row: --k 1) fails on main before this work (the
+issue's cases and the ones found past it); docs/errors.md rows 47-81 point here. The fuzz
+harness over generated hostile inputs is tests/test_fuzz.py.
 """
 
 from __future__ import annotations
