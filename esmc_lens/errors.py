@@ -14,6 +14,7 @@ __all__ = [
     "EsmcWarning",
     "ImageError",
     "ModelError",
+    "OutputError",
     "WeightsError",
 ]
 
@@ -49,5 +50,32 @@ class CaptureError(EsmcError):
     """A capture cannot be run, stored or read back."""
 
 
+class OutputError(EsmcError):
+    """A run's output folder cannot be written, or a saved run cannot be read back."""
+
+
 class EsmcWarning(UserWarning):
     """Something was skipped, recomputed or approximated; the run goes on (see the message)."""
+
+
+#: errno values that mean "no space": a full disk and an exceeded quota.
+_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+
+
+def write_failure(exc: BaseException) -> tuple[str, bool] | None:
+    """``(reason, disk full?)`` of a failed write, or None if ``exc`` is not one.
+
+    Knows ``OSError`` and safetensors' ``SafetensorError`` (which reports the OS error only
+    in its text, "... (os error 28)"), so callers catch both with one rule.
+    """
+    import re
+
+    if isinstance(exc, OSError):
+        return (exc.strerror or str(exc)), exc.errno in _FULL_ERRNOS
+    if type(exc).__name__ == "SafetensorError":
+        text = " ".join(str(exc).split())
+        if "os error" not in text.lower() and "i/o error" not in text.lower():
+            return None
+        m = re.search(r"os error (\d+)", text)
+        return text, bool(m) and int(m.group(1)) in _FULL_ERRNOS
+    return None

@@ -65,7 +65,7 @@ from .report.naming import name_clusters
 from .report.result import EsmcResult, MultiResult
 from .residual.cache import ResidualCache
 from .residual.capture import capture
-from .validate import check_finite, check_run, keyword_notes
+from .validate import check_api_inputs, check_finite, check_run, keyword_notes
 
 __all__ = [
     "Criterion",
@@ -369,6 +369,12 @@ def run_esmc(
     a mapping criterion name -> list; none: the LM's (``keyword_source="auto"``).
     ``cache_dir``: keep the captures on disk there, so an interrupted run resumes.
     """
+    check_api_inputs(vlm, images, prompt, criterion=criterion, y_true=y_true,
+                     class_names=class_names, keywords=keywords, keyword_source=keyword_source,
+                     space=space, cache_dir=cache_dir, baselines=baselines, progress=progress,
+                     n_clusters=n_clusters, alpha=alpha, tau=tau, n_samples=n_samples,
+                     batch_size=batch_size, n_seeds=n_seeds, epochs=epochs, seed=seed,
+                     head_lr=head_lr)
     t0 = time.perf_counter()
     criteria = as_criteria(prompt, criterion)
     if y_true is not None and len(criteria) > 1:

@@ -16,27 +16,48 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
+import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CaptureError, ConfigError, DataError
+from .errors import CaptureError, ConfigError, DataError, OutputError
 
 __all__ = [
+    "HOST",
+    "KEYWORD_SOURCES",
+    "SPACES",
+    "check_api_inputs",
     "check_criterion",
     "check_device",
     "check_dtype",
     "check_finite",
+    "check_keywords",
     "check_output_dir",
     "check_prompt",
     "check_run",
     "check_settings",
     "check_writable_dir",
     "dataset_notes",
+    "is_run_file",
     "keyword_notes",
+    "run_folder_state",
+    "temp_name",
+    "writer_gone",
 ]
+
+#: where localization keywords come from (:func:`esmc_lens.localization.keywords.choose_keywords`)
+KEYWORD_SOURCES = ("auto", "user", "lm", "class_names")
+#: target embedding spaces (:func:`esmc_lens.localization.targets.target_embeddings`)
+SPACES = ("probs", "logits", "hidden")
+# This machine in temporary names (``.<name>.<host>.<pid>.part``): a process on another host
+# of a shared file system is never taken for a dead one of this host.
+HOST = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname()) or "host"
+# numpy's generators take seeds in [0, 2**32) (legacy) / any int >= 0; keep both happy.
+_MAX_SEED = 2**32 - 1
 
 _DTYPES = ("float16", "bfloat16", "float32")
 
@@ -55,15 +76,20 @@ def _is_real(v: object) -> bool:
 def check_settings(*, n_images: int | None = None, n_clusters: int | None = None,
                    alpha: float | None = None, tau: float | None = None,
                    n_samples: int | None = None, batch_size: int | str | None = None,
-                   n_seeds: int | None = None, epochs: int | None = None) -> None:
+                   n_seeds: int | None = None, epochs: int | None = None,
+                   seed: int | None = None, head_lr: float | None = None) -> None:
     """Check run settings (``None`` = not given, not checked); raise ``ConfigError``.
 
-    ``n_clusters`` needs ``n_images``: k must be in ``[2, n_images]``; ``alpha`` in (0, 1];
-    ``tau`` in [0, 1); ``n_samples``, ``batch_size`` (or "auto"), ``n_seeds``,
-    ``epochs`` >= 1.
+    ``n_clusters`` needs ``n_images``: k must be a whole number in ``[2, n_images]``;
+    ``alpha`` in (0, 1]; ``tau`` in [0, 1); ``n_samples``, ``batch_size`` (or "auto"),
+    ``n_seeds``, ``epochs`` >= 1; ``seed`` a whole number with ``seed + n_seeds - 1`` in
+    [0, 2**32 - 1] (the seeds the scores average over); ``head_lr`` > 0 and finite.
     """
     if n_clusters is not None:
-        if not _is_int(n_clusters) or n_clusters < 2:
+        if not _is_int(n_clusters):
+            raise ConfigError(f"n_clusters={n_clusters!r} (--k) must be a whole number "
+                              f"(an int) of clusters, e.g. {_as_int_hint(n_clusters)}")
+        if n_clusters < 2:
             raise ConfigError(f"n_clusters={n_clusters!r} (--k): ESMC needs at least 2 "
                               "clusters; give k >= 2")
         if n_images is not None and n_clusters > n_images:
@@ -82,6 +108,21 @@ def check_settings(*, n_images: int | None = None, n_clusters: int | None = None
                               ("n_seeds", "--n-seeds", n_seeds), ("epochs", "epochs", epochs)):
         if value is not None and (not _is_int(value) or value < 1):
             raise ConfigError(f"{name}={value!r} ({flag}) must be a whole number >= 1")
+    if seed is not None:
+        span = int(n_seeds) - 1 if _is_int(n_seeds) else 0
+        if not _is_int(seed) or seed < 0 or seed + span > _MAX_SEED:
+            raise ConfigError(f"seed={seed!r} (--seed) must be a whole number >= 0 (with "
+                              f"seed + n_seeds - 1 <= {_MAX_SEED}), e.g. 0")
+    if head_lr is not None and (not _is_real(head_lr) or not 0 < float(head_lr) < float("inf")):
+        raise ConfigError(f"head_lr={head_lr!r}: the head's learning rate must be a positive "
+                          "number, e.g. 1e-3")
+
+
+def _as_int_hint(v: object) -> str:
+    try:
+        return str(max(2, round(float(v))))
+    except (TypeError, ValueError, OverflowError):
+        return "4"
 
 
 def check_prompt(prompt: object, image_token: str | None = "<image>") -> str:
@@ -160,10 +201,89 @@ def check_writable_dir(path: str | os.PathLike, what: str, fix: str,
     return path
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """``--out`` can be created and written (checked before the run, not after it)."""
-    return check_writable_dir(path, "output folder", "pass --out a folder you can write to "
-                              "with free space", error=ConfigError)
+def is_run_file(name: str) -> bool:
+    """A file name :meth:`EsmcResult.save <esmc_lens.report.result.EsmcResult.save>` (or
+    ``esmc-lens run``) writes into a run folder."""
+    return name in _RUN_FILES or (name.startswith("per_seed_") and name.endswith(".csv"))
+
+
+_RUN_FILES = frozenset({"results.json", "result.pkl", "assignments.csv", "scores.csv",
+                        "votes.csv", "skipped.csv", "cross_criterion.csv"})
+
+
+def run_folder_state(path: str | os.PathLike, _depth: int = 0) -> str:
+    """``"absent"``, ``"empty"``, ``"run"`` (only files a run writes: a multi-criteria run
+    also holds one such folder per criterion) or ``"other"``."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        return "absent"
+    if not path.is_dir():
+        return "other"
+    entries = list(path.iterdir())
+    if not entries:
+        return "empty"
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            if _depth > 0 or run_folder_state(p, _depth + 1) != "run":
+                return "other"
+        elif not is_run_file(p.name):
+            return "other"
+    return "run"
+
+
+def temp_name(path: Path, suffix: str = "part") -> Path:
+    """``.<name>.<host>.<pid>.<suffix>`` beside ``path``: a temporary file or folder of this
+    process that :func:`writer_gone` can later tell apart from a live writer's."""
+    return path.with_name(f".{path.name}.{HOST}.{os.getpid()}.{suffix}")
+
+
+def writer_gone(temp: Path, max_age_s: float = 86400) -> bool:
+    """Whether the process that made ``temp`` (a :func:`temp_name`) is gone: on this host,
+    the process is dead (or is this one); another host's, or an unknown name, once older
+    than ``max_age_s`` (a shared file system: its pid means nothing here)."""
+    import time
+
+    m = re.match(r"\..*\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[a-z]+$", temp.name)
+    if m and m["host"] == HOST:
+        pid = int(m["pid"])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, another user's
+            return False
+        return pid == os.getpid()
+    try:
+        return time.time() - temp.stat().st_mtime > max_age_s
+    except OSError:
+        return False
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``--out`` can take this run's results, checked before the run.
+
+    A run's folder is written whole: to a temporary folder beside it, renamed into place,
+    so the folder that must be writable is its parent. An existing run folder is refused
+    unless ``overwrite`` (then replaced completely, never mixed); a folder holding anything
+    else is refused always (nothing of the user's is deleted). Raises ``OutputError``.
+    """
+    path = Path(path).expanduser()
+    state = run_folder_state(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output folder {path} is a file, not a folder: pass --out a "
+                          "folder you can write to with free space")
+    if state == "other":
+        raise OutputError(
+            f"output folder {path} already holds files that no esmc-lens run wrote: pass "
+            "--out a new or empty folder (nothing there is deleted or overwritten)")
+    if state == "run" and not overwrite:
+        raise OutputError(
+            f"output folder {path} already holds a saved run: pass --out a new folder, or "
+            "--overwrite (API: save(..., overwrite=True)) to replace that run completely")
+    check_writable_dir(path.parent, "output folder's parent",
+                       "pass --out a folder you can write to with free space",
+                       error=OutputError)
+    return path
 
 
 # -- datasets -------------------------------------------------------------------------------
@@ -215,6 +335,116 @@ def check_run(vlm, images, prompt: str, *, criterion: str | None = None,
     if isinstance(images, ImageDataset) and criterion is not None:
         check_criterion(images, criterion)
     check_settings(n_images=n_images, **settings)
+
+def check_keywords(keywords, source: str = "auto") -> None:
+    """``keywords`` (None, one comma-separated string, or words) and their ``source`` can be
+    used; ``ConfigError`` saying what was expected otherwise."""
+    if not isinstance(source, str) or source not in KEYWORD_SOURCES:
+        raise ConfigError(f"keyword_source={source!r} (--keyword-source): use one of "
+                          f"{', '.join(KEYWORD_SOURCES)}")
+    if keywords is None:
+        if source == "user":
+            raise ConfigError("keyword_source='user' needs keywords: pass keywords=[...] "
+                              "(--keywords red,white,pink)")
+        return
+    if hasattr(keywords, "words") and hasattr(keywords, "sources"):  # a Keywords object
+        words = list(keywords.words)
+    elif isinstance(keywords, str):
+        words = [w for w in keywords.replace(";", ",").replace("\n", ",").split(",")]
+    else:
+        try:
+            words = list(keywords)
+        except TypeError:
+            raise ConfigError(f"keywords={keywords!r}: expected a list of words, e.g. "
+                              "['red', 'white', 'pink']") from None
+    bad = [w for w in words if not isinstance(w, str)]
+    if bad:
+        raise ConfigError(f"keywords must be words (str); got {bad[:3]!r}: e.g. ['red', "
+                          "'white', 'pink']")
+    if not any(w.strip() for w in words):
+        raise ConfigError(f"no keywords in {keywords!r}: give words such as 'red, white, "
+                          "pink'")
+
+
+def _looks_like_vlm(vlm) -> bool:
+    return all(hasattr(vlm, a) for a in ("model", "processor", "tokenizer", "format_prompt"))
+
+
+def check_api_inputs(vlm, images, prompt, *, criterion=None, y_true=None, class_names=None,
+                     keywords=None, keyword_source: str = "auto", space: str = "probs",
+                     cache_dir=None, baselines=True, progress=True, **settings) -> int:
+    """The types and values of :func:`~esmc_lens.pipeline.run_esmc`'s arguments, checked
+    before any work; returns the number of images.
+
+    Every message says what was expected: a loaded model (not its name), a dataset or a
+    list of images (not one path; NumPy arrays must be uint8 pixels), whole numbers for
+    counts and ``n_clusters``, a known ``keyword_source`` and ``space``, labels that match
+    the images. ``prompt``, ``n_clusters`` and ``keywords`` may be mappings criterion name ->
+    value (a multi-criteria run): each value is checked. ``settings``: any of
+    :func:`check_settings`'s (others are ignored, so the orchestrator may pass arguments
+    this function does not know).
+    """
+    from .data.dataset import ImageDataset
+    from .data.source import image_items
+
+    if isinstance(vlm, str | os.PathLike):
+        raise ConfigError(f"vlm={str(vlm)!r} is a model name, not a loaded model: pass "
+                          f"load_model({str(vlm)!r}) (e.g. vlm = load_model('offline'))")
+    if not _looks_like_vlm(vlm):
+        raise ConfigError(f"vlm is a {type(vlm).__name__}: expected a loaded model, "
+                          "load_model('offline') or load_model('<hub id or folder>')")
+    token = getattr(getattr(vlm, "processor", None), "image_token", None) or "<image>"
+    multi = isinstance(prompt, Mapping)  # several criteria: name -> prompt
+    for p in (prompt.values() if multi else [prompt]):
+        check_prompt(p, token)
+    items = None if isinstance(images, ImageDataset) else image_items(images)
+    n = len(images) if items is None else len(items)
+    if n == 0:
+        raise ConfigError("no images given: pass an ImageDataset or a list of images")
+    missing = [str(p) for p in items or () if isinstance(p, str | os.PathLike)
+               and not Path(p).expanduser().is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(f"{len(missing)} image path(s) are not files: {', '.join(missing[:3])}"
+                        f"{more}: check the paths")
+    if criterion is not None and not isinstance(criterion, str):
+        raise ConfigError(f"criterion={criterion!r}: expected a criterion folder name (str), "
+                          "e.g. 'color'")
+    if isinstance(images, ImageDataset) and criterion is not None:
+        check_criterion(images, criterion)
+    if y_true is not None:
+        y = np.asarray(y_true)
+        if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
+            raise ConfigError(f"y_true must be {n} integer labels (one per image, -1 for "
+                              f"unknown); got shape {y.shape} of {y.dtype}")
+        if class_names is not None and len(y) and y.max() >= len(class_names):
+            raise ConfigError(f"y_true holds label {int(y.max())} but class_names has "
+                              f"{len(class_names)} names: give a name per label")
+    if class_names is not None and (isinstance(class_names, str) or any(
+            not isinstance(c, str) for c in class_names)):
+        raise ConfigError(f"class_names={class_names!r}: expected a list of names (str)")
+    for kw in (keywords.values() if isinstance(keywords, Mapping) else [keywords]):
+        check_keywords(kw, keyword_source)
+    if keyword_source == "class_names" and not (isinstance(images, ImageDataset)
+                                                and (criterion is not None or multi)):
+        raise ConfigError("keyword_source='class_names' takes the class folder names of a "
+                          "dataset criterion: pass an ImageDataset and criterion=...")
+    if space not in SPACES:
+        raise ConfigError(f"space={space!r} (--space): use one of {', '.join(SPACES)}")
+    if cache_dir is not None and not isinstance(cache_dir, str | os.PathLike):
+        raise ConfigError(f"cache_dir={cache_dir!r}: expected a folder path (str or Path)")
+    for name, value in (("baselines", baselines), ("progress", progress)):
+        if not isinstance(value, bool | np.bool_):
+            raise ConfigError(f"{name}={value!r}: expected True or False")
+    known = {k: v for k, v in settings.items() if k in _SETTINGS}
+    ks = known.pop("n_clusters", None)
+    for k in (ks.values() if isinstance(ks, Mapping) else [ks]):  # one per criterion
+        check_settings(n_images=n, n_clusters=k, **known)
+    return n
+
+
+_SETTINGS = frozenset({"n_clusters", "alpha", "tau", "n_samples", "batch_size", "n_seeds",
+                       "epochs", "seed", "head_lr"})
 
 # -- keywords and features ------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,55 @@ def check_checkpoint_round_trip(src, vlm, prompt: str) -> None:
                             vlm.model.state_dict().values(), strict=True):
         assert torch.equal(a.half(), b), name
     assert vlm.format_prompt(prompt) == src.format_prompt(prompt)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder nobody can write, root included (chmod, else chattr +i), or a skip."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+    elif shutil.which("chattr"):
+        subprocess.run(["chattr", "+i", str(d)], capture_output=True, check=False)
+    try:
+        (d / "probe").write_text("x")
+        (d / "probe").unlink()
+        writable = True
+    except OSError:
+        writable = False
+    if writable:
+        pytest.skip("cannot make a read-only folder here (root without chattr +i)")
+    yield d
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(d)], capture_output=True, check=False)
+    d.chmod(0o755)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 256 KiB tmpfs (a disk that really fills up), or a skip."""
+    d = tmp_path / "small-disk"
+    d.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)],
+                       capture_output=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True, check=False)
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Fill ``folder``'s file system with one file, then free ``leave`` bytes of it."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    size = filler.stat().st_size
+    os.truncate(filler, max(0, size - leave))
+    return filler

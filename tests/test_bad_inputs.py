@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import errno
 import functools
-import os
 import re
-import shutil
 import struct
-import subprocess
 import zlib
 from pathlib import Path
 
@@ -133,29 +130,6 @@ def fast_run(vlm, ds, **kw):
 def fast_cli_run(monkeypatch):
     """The CLI's pipeline with a 2-epoch head (the default 100 epochs only cost time)."""
     monkeypatch.setattr(pipeline, "run_esmc", functools.partial(run_esmc, epochs=2))
-
-
-@pytest.fixture
-def readonly_dir(tmp_path):
-    """A folder nobody can write, root included (chmod, else chattr +i), or a skip."""
-    d = tmp_path / "ro"
-    d.mkdir()
-    if os.geteuid() != 0:
-        d.chmod(0o555)
-    elif shutil.which("chattr"):
-        subprocess.run(["chattr", "+i", str(d)], capture_output=True, check=False)
-    try:
-        (d / "probe").write_text("x")
-        (d / "probe").unlink()
-        writable = True
-    except OSError:
-        writable = False
-    if writable:
-        pytest.skip("cannot make a read-only folder here (root without chattr +i)")
-    yield d
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "-i", str(d)], capture_output=True, check=False)
-    d.chmod(0o755)
 
 
 # -- 1-3: the data folder --------------------------------------------------------------

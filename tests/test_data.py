@@ -201,9 +201,9 @@ def test_iter_images_is_lazy_and_batched(toy: Path, monkeypatch: pytest.MonkeyPa
     opened: list[Path] = []
     real = data_mod.open_rgb
 
-    def spy(path: Path) -> Image.Image:
+    def spy(path: Path, **kwargs) -> Image.Image:
         opened.append(Path(path))
-        return real(path)
+        return real(path, **kwargs)
 
     monkeypatch.setattr(data_mod, "open_rgb", spy)
     it = ds.iter_images(batch_size=3)

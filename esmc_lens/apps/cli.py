@@ -2,7 +2,10 @@
 ``python -m esmc_lens``; ``torchrun ... -m esmc_lens capture-shard`` for sharded capture).
 
 Errors that come from bad input (every :class:`~esmc_lens.errors.EsmcError`) print one
-line naming the problem and the fix and exit with status 2, without a traceback.
+line naming the problem and the fix and exit with status 2, without a traceback; so do a
+full disk or a read-only folder met while writing, wherever they happen. Everything that
+can be checked without the model (dataset, criterion, settings, keywords, seed, image
+paths, ``--out``, ``--cache-dir``) is checked before the model loads.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..errors import ConfigError, EsmcError, EsmcWarning
+from ..errors import ConfigError, EsmcError, EsmcWarning, OutputError, write_failure
 from ..localization.keywords import CLASS_NAMES, KEYWORD_SOURCES
 from ..validate import dataset_notes
 
@@ -32,11 +35,13 @@ def cmd_lens(args: argparse.Namespace) -> int:
     from ..data.images import open_rgb
     from ..models.vlm import load_model
     from ..residual.capture import capture
+    from ..validate import check_prompt
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k {args.top_k}: give a positive number of tokens")
+    check_prompt(args.prompt)
+    image = open_rgb(args.image)  # a bad image fails before the model loads
     vlm = load_model(args.model, device=args.device, dtype=args.dtype)
-    image = open_rgb(args.image)
     cache = capture(vlm, [image], args.prompt, top_k=args.top_k, progress=False,
                     image_ids=[Path(args.image).name])
     tok = vlm.tokenizer
@@ -124,8 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                    n_seeds=args.n_seeds, baselines=not args.no_baselines,
                    batch_size=args.batch_size, progress=not args.quiet,
                    cache_dir=args.cache_dir)
-    out = res.save(args.out)
-    ds.skipped.to_csv(out / "skipped.csv", index=False)
+    out = res.save(args.out, overwrite=args.overwrite, tables={"skipped.csv": ds.skipped})
     for r in ([res] if one else res.results.values()):
         _print_result(r)
     if not one:
@@ -136,7 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
-    """Markdown table of saved runs' NMI/RI (mean ± std) beside the paper's, if it has them."""
+    """Markdown table of saved runs' NMI/RI (mean ± std) beside the paper's, if it has them.
+
+    ``OutputError`` (with the fix) for a folder that is no complete run, or a run saved
+    without labels (it has no scores to tabulate).
+    """
     from ..report.paper_numbers import PAPER_MODEL, paper_scores
     from ..report.result import EsmcResult
 
@@ -145,15 +153,23 @@ def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
     notes = []
     for d in _run_folders(run_dirs):
         r = EsmcResult.load_json(d)
+        if r["scores"] is None:
+            raise OutputError(f"run {d} was saved without labels, so it has no scores to "
+                              "tabulate: run it on a labelled criterion (esmc-lens run "
+                              "--criterion ...; API: run_esmc(..., criterion=... or y_true=...))")
         notes.append(f"{r['criterion']}: {r.get('note') or 'model ' + r['model']}; target "
-                     f"{', '.join(r['target_labels'])}, {r['localization'].get('evidence', '')}")
+                     f"{', '.join(r['target_labels'])}, "
+                     f"{(r.get('localization') or {}).get('evidence', '')}")
         paper = paper_scores(dataset, r["criterion"]) if dataset else None
-        blocks = {"ESMC": r["scores"], **r["baselines"]}
+        blocks = {"ESMC": r["scores"], **(r["baselines"] or {})}
         for method, sc in blocks.items():
+            if not isinstance(sc, dict) or not all(k in sc for k in _SCORE_KEYS):
+                raise OutputError(f"{d}/results.json is incomplete (the {method!r} scores "
+                                  "lack NMI/RI): run `esmc-lens run` again to rewrite it")
             p = paper.loc[method] if paper is not None and method in paper.index else None
             lines.append(
-                f"| {r['criterion']} | {method} | {sc['nmi']:.4f} ± {sc['nmi_std']:.4f} | "
-                f"{sc['ri']:.4f} ± {sc['ri_std']:.4f} | "
+                f"| {r['criterion']} | {method} | {_num(sc['nmi'])} ± {_num(sc['nmi_std'])} | "
+                f"{_num(sc['ri'])} ± {_num(sc['ri_std'])} | "
                 f"{'' if p is None else f'{p.nmi:.4f}'} | {'' if p is None else f'{p.ri:.4f}'} |")
     lines.append("\nOurs: mean ± std over seeds; " + " | ".join(notes) + ". "
                  f"Paper: {PAPER_MODEL} (the paper's numbers), Table 3.")
@@ -162,12 +178,20 @@ def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
 
 def _run_folders(run_dirs: list[str]) -> list[Path]:
     """Each single-criterion run folder; a multi-criterion folder stands for its criteria."""
+    from ..report.result import read_run_json
+
     out = []
     for d in map(Path, run_dirs):
-        doc = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() \
-            else {}
+        doc = read_run_json(d)
         out.extend(d / c for c in doc["criteria"]) if "criteria" in doc else out.append(d)
     return out
+
+
+_SCORE_KEYS = ("nmi", "nmi_std", "ri", "ri_std")
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{float(v):.4f}"
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
@@ -178,7 +202,21 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from ..report.result import EsmcResult
 
     res = EsmcResult.load(args.run)
+    if res.y_true is None or res.class_names is None:
+        raise OutputError(f"run {args.run} was saved without labels: diagnose scores the "
+                          "lens's reading against them; run it on a labelled criterion "
+                          "(esmc-lens run --criterion ...; API: criterion= or y_true=)")
     ds = load_dataset(args.data)
+    if list(ds.names) != list(res.image_ids):
+        raise ConfigError(f"the images of --data {args.data} ({len(ds)}) are not the "
+                          f"{res.n_images} images of run {args.run}: pass the run's own "
+                          "dataset folder")
+    if args.cache_dir is not None:
+        from ..residual.store import CACHE_DIR_FIX
+        from ..validate import check_writable_dir
+
+        check_writable_dir(args.cache_dir, "capture cache directory (--cache-dir)",
+                           CACHE_DIR_FIX)
     vlm = load_model(args.model or res.model, device=args.device, dtype=args.dtype)
     r = readout_for_run(vlm, ds, res, cache_dir=args.cache_dir, progress=not args.quiet)
     out = {"model": vlm.name, "criterion": res.criterion, "target": res.target_labels,
@@ -205,13 +243,14 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def _check_run_args(args: argparse.Namespace, ds, criteria: dict[str, str]) -> None:
     from ..residual.store import CACHE_DIR_FIX
-    from ..validate import check_output_dir, check_run, check_writable_dir
+    from ..validate import check_keywords, check_output_dir, check_run, check_writable_dir
 
     for name, prompt in criteria.items():
         check_run(None, ds, prompt, criterion=name, n_images=len(ds),
                   n_clusters=args.k, alpha=args.alpha, tau=args.tau, n_samples=args.n_samples,
-                  batch_size=args.batch_size, n_seeds=args.n_seeds)
-    check_output_dir(args.out)
+                  batch_size=args.batch_size, n_seeds=args.n_seeds, seed=args.seed)
+    check_keywords(args.keywords or None, args.keyword_source)
+    check_output_dir(args.out, overwrite=args.overwrite)
     if args.cache_dir is not None:
         check_writable_dir(args.cache_dir, "capture cache directory (--cache-dir)", CACHE_DIR_FIX)
 
@@ -319,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None,
                    help="keep captures on disk here; a rerun after a crash or kill resumes "
                         "from the saved batches (default: no capture cache)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder, written whole (a temporary folder renamed into place)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run folder at --out completely (default: refuse)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("table", help="markdown table of saved runs beside the paper's numbers")
@@ -398,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esmc-lens: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except Exception as exc:
+        failure = write_failure(exc)
+        if failure is not None and failure[1]:  # a full disk anywhere: no bug to trace
+            print(f"esmc-lens: error: a disk is full ({' '.join(failure[0].split())}"
+                  f"{_where(exc)}): free space or write elsewhere", file=sys.stderr)
+            return 2
         if type(exc).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
             raise
         print("esmc-lens: error: out of GPU memory: lower --batch-size (or use --dtype "
@@ -408,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
                   if getattr(args, "cache_dir", None) else "")
         print(f"esmc-lens: interrupted{resume}", file=sys.stderr)
         return 130
+
+
+def _where(exc: BaseException) -> str:
+    name = getattr(exc, "filename", None)
+    return f", writing {name}" if name else ""
 
 
 if __name__ == "__main__":

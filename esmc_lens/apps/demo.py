@@ -64,7 +64,7 @@ def run_demo(model: str = "offline", out: Path = Path("outputs/demo"),
     call, with the keywords the model's own language model gives (label-free)."""
     import matplotlib.pyplot as plt
 
-    data = make_synthetic_dataset(out / "data", n_images=n_images, seed=0)
+    data = make_synthetic_dataset(out.with_name(out.name + "-data"), n_images=n_images, seed=0)
     ds = load_dataset(data)
     vlm = load_model(model, device=device, dtype=dtype)
     label = "the offline model, not LLaVA-1.5" if model == "offline" else vlm.name
@@ -72,7 +72,8 @@ def run_demo(model: str = "offline", out: Path = Path("outputs/demo"),
           "(label-free)")
     res = run_esmc(vlm, ds, {c: SYNTHETIC_PROMPTS[c] for c in ds.criteria}, alpha=0.3,
                    n_seeds=n_seeds)
-    res.save(out)
+    # the run's folder is written whole and replaced by each demo, so the data live beside it
+    res.save(out, overwrite=True)
     for crit, r in res.results.items():
         sup = " (supervised localization)" if r.supervised else ""
         fig = vote_figure(r, f"{crit}: '{r.prompt}' ({vlm.name}){sup}")

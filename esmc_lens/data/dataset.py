@@ -6,13 +6,35 @@ An image may be labelled for some criteria only; its other labels are missing (r
 never dropped). The class is the FIRST folder below the criterion; deeper sub-folders
 (``manufacturer/BMW/BMW 3 Series 2012/x.jpg``) only organise files within that class.
 
-Images are opened lazily and always returned as 8-bit RGB ``PIL.Image.Image``.
-``PIL.Image.MAX_IMAGE_PIXELS`` is left at Pillow's default so decompression bombs raise.
+Images are opened lazily and always returned as 8-bit RGB ``PIL.Image.Image``, turned
+upright by their EXIF orientation tag. ``PIL.Image.MAX_IMAGE_PIXELS`` is left at Pillow's
+default so decompression bombs raise.
+
+Rules for what real folders hold:
+
+* **Names**: the join key is the file name in Unicode NFC form, so a name written in NFD
+  (macOS) under one criterion and NFC under another is one image.
+* **Same name twice**: the contents are compared (SHA-256, after a size check). The same
+  bytes are one image (a second copy in the same class is listed as a duplicate); different
+  bytes under one name are refused with a ``DataError`` naming both files, whether they sit
+  in one class, in two classes or under two criteria: criteria are joined by name, so a
+  name must be one image.
+* **Symbolic links** are followed, to folders and to files, at every level (criterion,
+  class, sub-folder). A link to a folder that contains the folder being walked (a loop) is
+  not followed; it, broken links, folders that cannot be listed and files that are not
+  regular files are listed in ``skipped`` with the reason.
+* Hidden entries (``.name``) are ignored; so are the metadata folders that archive tools
+  and NAS boxes add (``__MACOSX``, ``@eaDir``, ``$RECYCLE.BIN``, ``System Volume
+  Information``), which are listed in ``skipped``.
+* Each image's size and modification time are recorded at load; ``ImageDataset.open``
+  refuses a file that changed since (``ImageError``: reload the dataset).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +43,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..errors import DataError
+from ..errors import DataError, ImageError
 from .images import image_problem, open_rgb
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "load_dataset"]
@@ -35,12 +57,39 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 _PATH_COLUMN = "path"
 
 
+# Folders that tools add beside the data (zip on macOS, Synology thumbnails, Windows).
+SYSTEM_FOLDERS: frozenset[str] = frozenset(
+    {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
+
+
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _visible_subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise DataError(f"cannot list folder {folder} ({exc.strerror or exc}): check its "
+                        "permissions and that its disk is mounted") from None
+
+
+def _visible_subdirs(folder: Path, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+    out = []
+    for p in _listdir(folder):
+        if _is_hidden(p.name) or not p.is_dir():
+            continue
+        if p.name in SYSTEM_FOLDERS:
+            if skipped is not None:
+                skipped.append((str(p), "system metadata folder (not data)"))
+            continue
+        out.append(p)
+    return out
+
+
+def name_key(name: str) -> str:
+    """The join key of a file name: its Unicode NFC form."""
+    return unicodedata.normalize("NFC", name)
 
 
 @dataclass
@@ -70,6 +119,8 @@ class ImageDataset:
     skipped: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame({"path": [], "reason": []}, dtype=object)
     )
+    #: path -> (size, mtime in ns) at load; ``open`` refuses a file that changed since.
+    file_stats: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -108,13 +159,16 @@ class ImageDataset:
             return Path(self.labels[_PATH_COLUMN].iloc[int(i_or_name)])
         raise TypeError(f"expected an int index or a str name, got {type(i_or_name).__name__}")
 
-    def open(self, i_or_name: int | np.integer | str) -> Image.Image:
-        """Open one image as 8-bit RGB.
+    def open(self, i_or_name: int | np.integer | str, *,
+             expect_sha256: str | None = None) -> Image.Image:
+        """Open one image as 8-bit RGB, upright (EXIF orientation).
 
         Parameters
         ----------
         i_or_name : int or str
             Position in ``names`` or the image name.
+        expect_sha256 : str, optional
+            The SHA-256 its bytes must have (see :func:`~esmc_lens.data.images.open_rgb`).
 
         Returns
         -------
@@ -126,9 +180,23 @@ class ImageDataset:
         DataError
             Unknown name or index out of range.
         ImageError
-            The file cannot be decoded (message names the path).
+            The file cannot be decoded, or changed since the dataset was loaded (the
+            message names the path).
         """
-        return open_rgb(self._path_of(i_or_name))
+        path = self._path_of(i_or_name)
+        before = self.file_stats.get(str(path))
+        if before is not None:
+            try:
+                st = path.stat()
+                now = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                now = None  # missing: open_rgb names it
+            if now is not None and now != before:
+                raise ImageError(
+                    f"image {path} changed on disk since the dataset was loaded (size or "
+                    "modification time differ): reload it with load_dataset() and run "
+                    "again once nothing writes to the folder")
+        return open_rgb(path, expect_sha256=expect_sha256)
 
     def iter_images(self, batch_size: int = 32) -> Iterator[list[tuple[str, Image.Image]]]:
         """Yield the images lazily in batches, in ``names`` order.
@@ -154,7 +222,7 @@ class ImageDataset:
         for start in range(0, len(names), int(batch_size)):
             stop = start + int(batch_size)
             batch = zip(names[start:stop], paths[start:stop], strict=True)
-            yield [(n, open_rgb(p)) for n, p in batch]
+            yield [(n, self.open(n)) for n, p in batch]
 
     def _check_criterion(self, criterion: str) -> None:
         if criterion not in self.criteria:
@@ -247,17 +315,87 @@ class ImageDataset:
             labels=self.labels.loc[wanted].copy(),
             criteria=list(self.criteria),
             classes={c: list(v) for c, v in self.classes.items()},
-            skipped=self.skipped.copy(),
+            skipped=self.skipped.copy(), file_stats=dict(self.file_stats),
         )
 
 
-def _walk_files(folder: Path) -> list[Path]:
-    """All non-hidden files below ``folder`` (recursively), sorted, hidden folders pruned."""
+def _walk_files(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    """All non-hidden regular files below ``folder``, sorted; links followed, loops not.
+
+    A link to a folder is followed unless that folder contains (or is) a folder on the
+    current walk: following it would come back to where it started. Loops, broken links,
+    unlistable folders and non-regular files (FIFOs, devices) go to ``skipped``.
+    """
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        found.extend(Path(dirpath) / f for f in filenames if not _is_hidden(f))
+    todo = [(folder, (Path(os.path.realpath(folder)),))]
+    while todo:
+        d, chain = todo.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append((str(d), f"folder cannot be listed ({exc.strerror or exc})"))
+            continue
+        for e in entries:
+            if _is_hidden(e.name):
+                continue
+            p = Path(e.path)
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()  # both follow links
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                if e.name in SYSTEM_FOLDERS:
+                    skipped.append((str(p), "system metadata folder (not data)"))
+                    continue
+                real = Path(os.path.realpath(p))
+                if any(real == c or real in c.parents for c in chain):
+                    skipped.append((str(p), f"symbolic link loop (-> {real}): not followed"))
+                    continue
+                todo.append((p, (*chain, real)))
+            elif is_file:
+                found.append(p)
+            elif e.is_symlink() and not p.exists():
+                skipped.append((str(p), f"broken symbolic link (-> {os.readlink(p)})"))
+            else:
+                skipped.append((str(p), "not a regular file"))
     return sorted(found)
+
+
+class _Contents:
+    """Are two files the same image? Same file, else same size and SHA-256 (memoised)."""
+
+    def __init__(self) -> None:
+        self._sha: dict[str, str] = {}
+
+    def sha(self, path: Path) -> str:
+        key = str(path)
+        if key not in self._sha:
+            h = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+            except OSError as exc:
+                raise DataError(f"cannot read image {path} ({exc.strerror or exc})") from None
+            self._sha[key] = h.hexdigest()
+        return self._sha[key]
+
+    def same(self, a: Path, b: Path) -> bool:
+        try:
+            if os.path.samefile(a, b):
+                return True
+            if a.stat().st_size != b.stat().st_size:
+                return False
+        except OSError:
+            return False
+        return self.sha(a) == self.sha(b)
+
+
+def _different_images(name: str, a: Path, b: Path, where: str) -> DataError:
+    return DataError(
+        f"two different images are named {name!r} {where}: {a} and {b}; criteria are "
+        "joined by file name, so one name must be one image: rename one of them (or "
+        "replace it with a copy of the other if they are meant to be the same image)")
 
 
 def load_dataset(
@@ -291,7 +429,8 @@ def load_dataset(
     DataError
         ``root`` missing or not a folder, no criterion folders, an unknown requested
         criterion, a criterion without class folders or without readable images, a
-        criterion named ``path``, or one file name under two classes of one criterion.
+        criterion named ``path``, one file name under two classes of one criterion, or
+        one file name holding different images (in one class, or under two criteria).
     """
     root = Path(root)
     if not root.exists():
@@ -300,8 +439,8 @@ def load_dataset(
         raise DataError(f"dataset path {root} is a file; pass the dataset folder instead")
 
     skipped: list[tuple[str, str]] = []
-    all_criteria = [p.name for p in _visible_subdirs(root)]
-    for p in sorted(root.iterdir()):
+    all_criteria = [p.name for p in _visible_subdirs(root, skipped)]
+    for p in _listdir(root):
         # Only images are reported: a README or manifest beside the criteria is not data.
         if p.is_file() and not _is_hidden(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS:
             skipped.append((str(p), "file outside any criterion folder"))
@@ -327,13 +466,14 @@ def load_dataset(
             "of ImageDataset.labels; rename the folder"
         )
 
+    contents = _Contents()
     label_of: dict[str, dict[str, str]] = {}  # criterion -> name -> class
     first_path: dict[str, str] = {}  # name -> path, first criterion (sorted) wins
     classes: dict[str, list[str]] = {}
     for crit in chosen:
         crit_dir = root / crit
-        class_dirs = _visible_subdirs(crit_dir)
-        for p in sorted(crit_dir.iterdir()):
+        class_dirs = _visible_subdirs(crit_dir, skipped)
+        for p in _listdir(crit_dir):
             if p.is_file() and not _is_hidden(p.name):
                 skipped.append((str(p), f"file directly under criterion '{crit}', not in a class"))
         if not class_dirs:
@@ -346,7 +486,7 @@ def load_dataset(
         crit_classes: list[str] = []
         for class_dir in class_dirs:
             n_used = 0
-            for path in _walk_files(class_dir):
+            for path in _walk_files(class_dir, skipped):
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     skipped.append((str(path), f"not an image (extension '{path.suffix}')"))
                     continue
@@ -355,18 +495,28 @@ def load_dataset(
                     if reason is not None:
                         skipped.append((str(path), reason))
                         continue
-                name = path.name
+                name = name_key(path.name)
                 if name in labels:
+                    same = contents.same(where[name], path)
                     if labels[name] != class_dir.name:
+                        if not same:
+                            raise _different_images(name, where[name], path,
+                                                    f"under criterion {crit!r}")
                         raise DataError(
                             f"conflicting labels for image {name!r} under criterion {crit!r}: "
                             f"class {labels[name]!r} ({where[name]}) and class "
                             f"{class_dir.name!r} ({path}); keep the file in one class only"
                         )
+                    if not same:
+                        raise _different_images(name, where[name], path,
+                                                f"in class {crit}/{class_dir.name}")
                     skipped.append(
                         (str(path), f"duplicate of {where[name]} in class '{class_dir.name}'")
                     )
                     continue
+                if name in first_path and not contents.same(Path(first_path[name]), path):
+                    raise _different_images(name, Path(first_path[name]), path,
+                                            "under two criteria")
                 labels[name] = class_dir.name
                 where[name] = path
                 first_path.setdefault(name, str(path))
@@ -391,7 +541,16 @@ def load_dataset(
     }
     frame = pd.DataFrame(columns, index=index)
     frame[_PATH_COLUMN] = pd.Series([first_path[n] for n in names], index=index, dtype=object)
-    skipped_frame = pd.DataFrame(sorted(skipped), columns=["path", "reason"], dtype=object)
+    skipped_frame = pd.DataFrame(sorted(set(skipped)), columns=["path", "reason"],
+                                 dtype=object)
+    stats = {}
+    for p in first_path.values():
+        try:
+            st = os.stat(p)
+        except OSError:  # gone already: open() names it
+            continue
+        stats[p] = (st.st_size, st.st_mtime_ns)
     return ImageDataset(
-        root=root, labels=frame, criteria=list(chosen), classes=classes, skipped=skipped_frame
+        root=root, labels=frame, criteria=list(chosen), classes=classes, skipped=skipped_frame,
+        file_stats=stats,
     )

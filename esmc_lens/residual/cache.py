@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +37,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..errors import CaptureError, ConfigError
+from ..errors import CaptureError, ConfigError, EsmcWarning, write_failure
 
 TENSOR_FIELDS = ("states", "positions", "image_span", "vision", "keyword_probs", "top_ids",
             "top_probs")
-FORMAT_VERSION = 1
+# 2: cache.json also holds the SHA-256 of its own content (``meta_sha256``).
+FORMAT_VERSION = 2
+_DOC_KEYS = ("format_version", "tokens", "stream", "image_ids", "prompts", "meta",
+             "keywords", "sha256")
 
 
 def strip_token(tok: str) -> str:
@@ -227,49 +231,135 @@ class ResidualCache:
 
     # -- disk ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/tensors.safetensors`` and ``path/cache.json`` (atomically)."""
+        """Write ``path/tensors.safetensors`` and ``path/cache.json`` (each atomically).
+
+        ``cache.json`` holds the SHA-256 of the tensor file and of its own content
+        (``meta_sha256``), so :meth:`load` detects damage to either. A failed write (disk
+        full, read-only) raises ``CaptureError`` and leaves no ``.part`` file behind.
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {n: getattr(self, n).contiguous() for n in TENSOR_FIELDS
                    if getattr(self, n) is not None}
-        tmp = path / "tensors.safetensors.part"
-        save_file(tensors, tmp)
-        digest = _sha256(tmp)
-        os.replace(tmp, path / "tensors.safetensors")
-        doc = {
-            "format_version": FORMAT_VERSION, "tokens": self.tokens, "stream": self.stream,
-            "image_ids": self.image_ids, "prompts": self.prompts, "meta": self.meta,
-            "keywords": self.keywords, "sha256": digest,
-        }
-        tmpj = path / "cache.json.part"
-        tmpj.write_text(json.dumps(doc, indent=1, default=str))
-        os.replace(tmpj, path / "cache.json")
+        tmp, tmpj = path / "tensors.safetensors.part", path / "cache.json.part"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, tmp)
+            digest = _sha256(tmp)
+            doc = {
+                "format_version": FORMAT_VERSION, "tokens": self.tokens, "stream": self.stream,
+                "image_ids": self.image_ids, "prompts": self.prompts, "meta": self.meta,
+                "keywords": self.keywords, "sha256": digest,
+            }
+            doc = json.loads(json.dumps(doc, default=str))  # the form load() reads back
+            doc["meta_sha256"] = _doc_sha256(doc)
+            tmpj.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, path / "tensors.safetensors")
+            os.replace(tmpj, path / "cache.json")
+        except Exception as exc:
+            failure = write_failure(exc)
+            if failure is None:
+                raise
+            for f in (tmp, tmpj):
+                f.unlink(missing_ok=True)
+            reason, full = failure
+            raise CaptureError(f"cannot write the cache {path} ({reason}): "
+                               + ("free space on that disk or save elsewhere" if full else
+                                  "save it to a folder you can write to")) from exc
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> ResidualCache:
-        """Read a cache written by :meth:`save`; checks the tensors' SHA-256 if ``verify``."""
+        """Read a cache written by :meth:`save`.
+
+        With ``verify`` the SHA-256 of the tensors and of the metadata are checked; the
+        tensors' shapes are always checked against the metadata (images, layers,
+        positions, keywords). Any mismatch raises ``CaptureError`` naming the file.
+        """
         from safetensors.torch import load_file
 
         path = Path(path)
         try:
             doc = json.loads((path / "cache.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CaptureError(f"{path} holds no readable esmc_lens cache ({exc})") from exc
+        if not isinstance(doc, dict) or not set(_DOC_KEYS) <= set(doc):
+            raise CaptureError(f"{path / 'cache.json'} is damaged (fields missing): delete "
+                               f"{path} and capture again")
+        version = doc.get("format_version")
+        if version not in (1, FORMAT_VERSION):
+            raise CaptureError(f"{path} was written in cache format {version!r}; this "
+                               f"esmc_lens reads formats 1 and {FORMAT_VERSION}: capture again")
         file = path / "tensors.safetensors"
-        if verify and _sha256(file) != doc["sha256"]:
-            raise CaptureError(f"{file} is damaged (checksum mismatch): delete {path} and "
-                               "capture again")
-        t = load_file(file)
-        return cls(
-            states=t["states"], positions=t["positions"], tokens=doc["tokens"],
-            image_span=t["image_span"], stream=doc["stream"], image_ids=doc["image_ids"],
+        if verify:
+            if version == 1:
+                warnings.warn(f"{path} was saved in cache format 1, whose metadata is not "
+                              "checksummed; save it again to add one", EsmcWarning,
+                              stacklevel=2)
+            elif doc.get("meta_sha256") != _doc_sha256(doc):
+                raise CaptureError(f"{path / 'cache.json'} is damaged (metadata checksum "
+                                   f"mismatch): delete {path} and capture again")
+            try:
+                digest = _sha256(file)
+            except OSError as exc:
+                raise CaptureError(f"{file} cannot be read ({exc.strerror or exc}): delete "
+                                   f"{path} and capture again") from None
+            if digest != doc["sha256"]:
+                raise CaptureError(f"{file} is damaged (checksum mismatch): delete {path} and "
+                                   "capture again")
+        try:
+            t = load_file(file)
+        except Exception as exc:  # safetensors' own error type for a malformed file
+            raise CaptureError(f"{file} cannot be read ({' '.join(str(exc).split())}): "
+                               f"delete {path} and capture again") from None
+        cache = cls(
+            states=t.get("states"), positions=t.get("positions"), tokens=doc["tokens"],
+            image_span=t.get("image_span"), stream=doc["stream"], image_ids=doc["image_ids"],
             prompts=doc["prompts"], meta=doc["meta"], vision=t.get("vision"),
             keywords=doc["keywords"], keyword_probs=t.get("keyword_probs"),
             top_ids=t.get("top_ids"), top_probs=t.get("top_probs"),
         )
+        problem = cache.shape_problem()
+        if problem is not None:
+            raise CaptureError(f"{path} is damaged ({problem}): delete it and capture again")
+        return cache
+
+    def shape_problem(self) -> str | None:
+        """Why the tensors do not fit the metadata (images, layers, positions), or None."""
+        s = self.states
+        if s is None or self.positions is None or self.image_span is None:
+            return "states, positions or image_span missing"
+        if s.ndim != 4:
+            return f"states have {s.ndim} axes, not 4"
+        n, n_stream, n_pos = s.shape[:3]
+        lists = {"image_ids": self.image_ids, "prompts": self.prompts, "tokens": self.tokens}
+        for name, value in lists.items():
+            if not isinstance(value, list) or len(value) != n:
+                return f"{name} do not match the {n} images of the states"
+        if any(not isinstance(t, list) or len(t) != n_pos for t in self.tokens):
+            return f"token lists do not match the {n_pos} positions of the states"
+        if (not isinstance(self.stream, list) or len(self.stream) != n_stream
+                or any(not isinstance(x, int) for x in self.stream)
+                or self.stream != sorted(set(self.stream))):
+            return f"stream {self.stream!r} does not list {n_stream} increasing layer indices"
+        if tuple(self.positions.shape) != (n, n_pos):
+            return f"positions have shape {tuple(self.positions.shape)}, not {(n, n_pos)}"
+        if tuple(self.image_span.shape) != (n, 2):
+            return f"image_span has shape {tuple(self.image_span.shape)}, not {(n, 2)}"
+        if self.vision is not None and self.vision.shape[0] != n:
+            return f"vision features hold {self.vision.shape[0]} images, not {n}"
+        if (self.keyword_probs is None) != (self.keywords is None):
+            return "keywords and their lens probabilities do not come together"
+        if self.keyword_probs is not None and tuple(self.keyword_probs.shape) != (
+                n, n_stream, n_pos, len(self.keywords)):
+            return (f"keyword_probs have shape {tuple(self.keyword_probs.shape)}, not "
+                    f"{(n, n_stream, n_pos, len(self.keywords))}")
+        for name in ("top_ids", "top_probs"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape[:3]) != (n, n_stream, n_pos):
+                return f"{name} have shape {tuple(t.shape)}, not {(n, n_stream, n_pos)} + (k,)"
+        return None
 
 
 def _pad_axis(t: torch.Tensor, axis: int, width: int, fill) -> torch.Tensor:
@@ -286,3 +376,10 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _doc_sha256(doc: dict) -> str:
+    """SHA-256 of a ``cache.json`` document without its own checksum (canonical JSON)."""
+    body = {k: v for k, v in doc.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()

@@ -34,17 +34,23 @@ Safety
 ------
 * A shard is written to a temporary folder and renamed into place: a shard folder either
   is complete or does not exist, whatever moment the process is killed at.
-* A shard whose checksum does not match (:meth:`ResidualCache.load` raises
-  ``CaptureError``) or that cannot be parsed is recomputed, with an ``EsmcWarning``.
+* Everything read back is verified: the SHA-256 of a shard's tensors and of its metadata
+  (``cache.json``), the tensors' shapes against the metadata, and the metadata against the
+  capture asked for (images, layers, keywords). A shard that fails any check is named in
+  an ``EsmcWarning`` (folder, batch, images), moved to ``<entry>/damaged/`` and recomputed.
+* Each image's file is hashed for its shard key and hashed again, from the bytes that are
+  decoded, when its batch is captured: a file rewritten during the run raises
+  ``ImageError`` instead of storing new pixels under the old content's key.
 * A cache folder that is read-only or full raises ``CaptureError`` naming the folder and
   the fix (``--cache-dir`` / ``ESMC_LENS_CACHE``, or no cache), before any capture work.
-* Concurrent runs on the same key take turns (``fcntl.flock`` on the key folder).
+* Concurrent runs on the same key take turns (``fcntl.flock`` on the key folder); where
+  the file system has no locks, a shard two runs write at once is renamed into place by
+  the first and the second's identical copy is dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -56,20 +62,22 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..errors import CaptureError, ConfigError, EsmcWarning, ImageError
+from ..errors import CaptureError, ConfigError, EsmcWarning, ImageError, write_failure
 from ..lens.keyword_rule import keyword_token_ids
 from ..models.vlm import VLM, library_versions
-from ..validate import check_writable_dir
+from ..validate import check_writable_dir, temp_name, writer_gone
 from .cache import ResidualCache
 from .capture import capture, capture_inputs
 
-__all__ = ["CACHE_DIR_FIX", "STORE_VERSION", "cache_key", "cached_capture",
-           "default_capture_dir", "image_fingerprints", "model_fingerprint", "open_entry",
-           "save_shard", "shard_keys"]
+__all__ = ["CACHE_DIR_FIX", "STORE_VERSION", "cache_key", "cache_write_error",
+           "cached_capture", "default_capture_dir", "image_fingerprints", "model_fingerprint",
+           "open_entry", "save_shard", "shard_keys"]
 
-STORE_VERSION = 1
+# 2: shards carry a metadata checksum (ResidualCache format 2); EXIF orientation applied.
+STORE_VERSION = 2
 CACHE_DIR_FIX = ("set --cache-dir (CLI) or cache_dir= (API) or ESMC_LENS_CACHE to a writable "
                  "folder with free space, or run without the capture cache")
 
@@ -117,6 +125,10 @@ def image_fingerprints(images) -> list[str]:
     for im in images:
         if isinstance(im, str | os.PathLike):
             out.append(_file_sha256(Path(im)))
+        elif isinstance(im, np.ndarray):
+            h = hashlib.sha256(f"ndarray:{im.dtype.str}:{im.shape}:".encode())
+            h.update(np.ascontiguousarray(im).tobytes())
+            out.append(h.hexdigest())
         elif hasattr(im, "tobytes") and hasattr(im, "mode"):
             h = hashlib.sha256(f"{im.mode}:{im.size}:".encode())
             h.update(im.tobytes())
@@ -241,9 +253,13 @@ def cache_key(vlm: VLM, prompts: Sequence[str], batch_size: int, **capture_kwarg
 
 
 def _write_json(path: Path, doc) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=1, default=str))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written file behind a full disk
+        raise
 
 
 @contextlib.contextmanager
@@ -274,37 +290,77 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name)[:40] or "model"
 
 
-def _load_shard(path: Path, n: int) -> ResidualCache | None:
-    """The shard at ``path``, or None if absent; a damaged one is removed, with a warning."""
+def _load_shard(path: Path, n: int, what: str, expect: dict) -> ResidualCache | None:
+    """The shard at ``path``, or None if absent or damaged.
+
+    Everything is verified before use: the tensors' and the metadata's SHA-256, the shapes
+    against the metadata, and the metadata against this capture (``n`` images, ``expect``:
+    the layers and keywords asked for, and the shard key, which :func:`save_shard` records
+    in its ``meta``, so a shard copied or renamed into another batch's folder is caught). A
+    damaged shard is moved to ``<entry>/damaged/`` (kept for inspection, out of the way of
+    every later run) with a warning naming it and ``what`` images it held; the caller
+    recomputes it.
+    """
     if not path.exists():
         return None
     try:
         part = ResidualCache.load(path, verify=True)
-        if len(part) != n:
-            raise CaptureError(f"{path} holds {len(part)} images, expected {n}")
+        problems = [f"holds {len(part)} images, expected {n}"] if len(part) != n else []
+        problems += [f"its {k} are {getattr(part, k)!r}, expected {v!r}"
+                     for k, v in expect.items() if getattr(part, k) != v]
+        if part.meta.get("shard_key") != path.name:  # copied from another batch's folder
+            problems.append(f"it holds the batch {part.meta.get('shard_key')!r}, not "
+                            f"{path.name!r}")
+        if problems:
+            raise CaptureError("; ".join(problems))
         return part
-    except Exception as exc:  # checksum, truncated file, bad JSON: recompute
+    except Exception as exc:  # checksum, truncated file, bad JSON, wrong content: recompute
         reason = " ".join(str(exc).split())
-        warnings.warn(f"capture cache shard {path} is damaged ({reason}); recomputing it",
-                      EsmcWarning, stacklevel=3)
-        shutil.rmtree(path, ignore_errors=True)
+        aside = path.parent.parent / "damaged" / path.name
+        try:
+            aside.parent.mkdir(exist_ok=True)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            kept = f"moved to {aside}"
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
+            kept = "removed"
+        warnings.warn(f"capture cache shard {path} ({what}) is damaged ({reason}); {kept}, "
+                      "recomputing it", EsmcWarning, stacklevel=3)
         return None
 
 
 def save_shard(part: ResidualCache, path: Path, root: Path) -> None:
-    """Write ``part`` to a temporary folder and rename it to ``path`` (atomic)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    """Write ``part`` to a temporary folder and rename it to ``path`` (atomic).
+
+    If another process completed the same shard meanwhile (two runs sharing a cache on a
+    file system without locks), its copy is kept: both hold the same capture.
+    """
+    tmp = temp_name(path)
+    part.meta = {**part.meta, "shard_key": path.name}  # its folder, checked when read
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         part.save(tmp)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        what = "is full" if full else "cannot be written"
-        raise CaptureError(f"capture cache directory {root} {what} ({exc.strerror or exc}) "
-                           f"while saving a batch: {CACHE_DIR_FIX}; batches saved so far are kept "
-                           "and a rerun resumes from them") from None
+        if isinstance(exc, OSError) and (path / "cache.json").exists():
+            return  # renaming onto a shard another process finished
+        cause = exc.__cause__ if isinstance(exc, CaptureError) else exc
+        if cause is None or write_failure(cause) is None:
+            raise
+        raise cache_write_error(root, cause, " while saving a batch", "; batches saved so "
+                                "far are kept and a rerun resumes from them") from None
+
+
+def cache_write_error(root: Path, exc: BaseException, doing: str = "",
+                      after: str = "") -> CaptureError:
+    """The ``CaptureError`` for a failed write under the cache folder ``root``: says
+    whether the disk is full, and the fix."""
+    reason, full = write_failure(exc) or (str(exc), False)
+    what = "is full" if full else "cannot be written"
+    return CaptureError(f"capture cache directory {root} {what} ({reason}){doing}: "
+                        f"{CACHE_DIR_FIX}{after}")
 
 
 def open_entry(vlm: VLM, prompts: Sequence[str], batch_size: int,
@@ -321,8 +377,7 @@ def open_entry(vlm: VLM, prompts: Sequence[str], batch_size: int,
         if not (entry / "settings.json").exists():
             _write_json(entry / "settings.json", doc)
     except OSError as exc:
-        raise CaptureError(f"capture cache directory {root} cannot be written "
-                           f"({exc.strerror or exc}): {CACHE_DIR_FIX}") from None
+        raise cache_write_error(root, exc) from None
     return root, entry, key
 
 
@@ -371,9 +426,10 @@ def cached_capture(
         The cache folder is read-only or full (nothing is lost: saved batches stay).
     """
     from ..data.dataset import ImageDataset
+    from ..data.source import image_items
 
     if not isinstance(images, ImageDataset):
-        images = list(images)
+        images = image_items(images)
     source, prompts = capture_inputs(images, prompt, image_ids)
     if batch_size == "auto":
         from .capture import auto_batch_size
@@ -389,29 +445,38 @@ def cached_capture(
     shards = entry / "shards"
     batches = [list(range(s, min(s + batch_size, source.n)))
                for s in range(0, source.n, batch_size)]
-    skeys = shard_keys(key, image_fingerprints(images), prompts, batches)
+    prints = image_fingerprints(images)
+    skeys = shard_keys(key, prints, prompts, batches)
     manifest = {"settings_key": key, "n_images": source.n, "batch_size": batch_size,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "shards": [{"key": k[:32], "start": b[0], "stop": b[-1] + 1,
                             "image_ids": [source.ids[i] for i in b]}
                            for k, b in zip(skeys, batches, strict=True)]}
+    expect = {"stream": (sorted({int(x) for x in capture_kwargs["layers"]})
+                         if capture_kwargs.get("layers") is not None
+                         else list(range(vlm.n_layers + 1))),
+              "keywords": (list(capture_kwargs["keywords"]) if capture_kwargs.get("keywords")
+                           else None)}
+    load = _verified_loader(images, source, prints)
 
     parts: list[ResidualCache] = []
     loaded = computed = 0
     with _locked(entry):
         for stale in shards.glob(".*.part"):  # left by a killed run; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
+            if writer_gone(stale):
+                shutil.rmtree(stale, ignore_errors=True)
         try:
             _write_json(entry / "manifest.json", manifest)
         except OSError as exc:
-            raise CaptureError(f"capture cache directory {root} cannot be written "
-                               f"({exc.strerror or exc}): {CACHE_DIR_FIX}") from None
+            raise cache_write_error(root, exc) from None
         bar = _progress(progress, len(batches))
-        for b, skey in zip(batches, skeys, strict=True):
+        for j, (b, skey) in enumerate(zip(batches, skeys, strict=True)):
             path = shards / skey[:32]
-            part = _load_shard(path, len(b))
+            what = (f"batch {j + 1} of {len(batches)}: images {source.ids[b[0]]}"
+                    + (f" .. {source.ids[b[-1]]}" if len(b) > 1 else ""))
+            part = _load_shard(path, len(b), what, expect)
             if part is None:
-                part = capture(vlm, [source.load(i) for i in b], [prompts[i] for i in b],
+                part = capture(vlm, [load(i) for i in b], [prompts[i] for i in b],
                                batch_size=len(b), image_ids=[source.ids[i] for i in b],
                                progress=False, **capture_kwargs)
                 save_shard(part, path, root)
@@ -429,6 +494,7 @@ def cached_capture(
     cache.prompts = list(prompts)
     # One JSON form of the metadata whether the first shard was computed or read back.
     cache.meta = json.loads(json.dumps(parts[0].meta, default=str))
+    cache.meta.pop("shard_key", None)  # of the first batch only: not the cache's
     cache.meta.update({
         "prompt": prompts[0] if len(set(prompts)) == 1 else None,
         "formatted_prompt": vlm.format_prompt(prompts[0]),
@@ -436,6 +502,25 @@ def cached_capture(
                           "loaded": loaded, "computed": computed},
     })
     return cache
+
+
+def _verified_loader(images, source, prints: Sequence[str]):
+    """``load(i)``: image ``i``, whose file content is checked against the fingerprint the
+    shard keys were computed from (read once, hashed, decoded from the same bytes), so a
+    file rewritten during the run can never be stored under its old content's key."""
+    from ..data.dataset import ImageDataset
+    from ..data.images import open_rgb
+
+    if isinstance(images, ImageDataset):  # also checks the file is as it was at load
+        return lambda i: images.open(i, expect_sha256=prints[i])
+    paths = [p if isinstance(p, str | os.PathLike) else None for p in images]
+
+    def load(i: int):
+        if paths[i] is None:
+            return source.load(i)
+        return open_rgb(paths[i], expect_sha256=prints[i])
+
+    return load
 
 
 def _progress(enabled: bool, total: int):
