@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from ..errors import ConfigError
+from ..validate import KEYWORD_SOURCES
 
 if TYPE_CHECKING:
     from ..models.vlm import VLM
@@ -359,7 +360,6 @@ def question_for_prompt(prompt: str) -> str | None:
     return default_question(m.group(1).lower(), m.group(2).lower()) if m else None
 
 
-KEYWORD_SOURCES = ("auto", "user", "lm", "class_names")
 CLASS_NAMES = "class-names"  # what a user types (--keywords class-names) to ask for them
 MIN_KEYWORDS = 2  # fewer usable LM keywords than this is a failed answer
 
