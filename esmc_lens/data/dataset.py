@@ -319,7 +319,7 @@ class ImageDataset:
         )
 
 
-def _walk_files(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+def walk_files(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
     """All non-hidden regular files below ``folder``, sorted; links followed, loops not.
 
     A link to a folder is followed unless that folder contains (or is) a folder on the
@@ -486,7 +486,7 @@ def load_dataset(
         crit_classes: list[str] = []
         for class_dir in class_dirs:
             n_used = 0
-            for path in _walk_files(class_dir, skipped):
+            for path in walk_files(class_dir, skipped):
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     skipped.append((str(path), f"not an image (extension '{path.suffix}')"))
                     continue

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata as md
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -54,13 +55,6 @@ def first_sentence(text: str, stop: Sequence[str] = SENTENCE_END) -> str:
     return text[:cut].strip()
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 @dataclass(frozen=True)
 class ModuleLayout:
     """Dotted paths of the modules esmc_lens reads, relative to the HF model."""
@@ -78,7 +72,7 @@ class ModuleLayout:
         for paths in layouts:
             try:
                 for p in paths:
-                    _get(model, p)
+                    attrgetter(p)(model)
             except AttributeError:
                 continue
             return cls(*paths)
@@ -135,19 +129,19 @@ class VLM:
 
     @property
     def layers(self) -> nn.ModuleList:
-        return _get(self.model, self.layout.layers)
+        return attrgetter(self.layout.layers)(self.model)
 
     @property
     def final_norm(self) -> nn.Module:
-        return _get(self.model, self.layout.norm)
+        return attrgetter(self.layout.norm)(self.model)
 
     @property
     def lm_head(self) -> nn.Module:
-        return _get(self.model, self.layout.lm_head)
+        return attrgetter(self.layout.lm_head)(self.model)
 
     @property
     def vision_tower(self) -> nn.Module:
-        return _get(self.model, self.layout.vision_tower)
+        return attrgetter(self.layout.vision_tower)(self.model)
 
     def vision_side(self, pixel_values: torch.Tensor, pooled: torch.Tensor
                     ) -> dict[str, torch.Tensor]:
@@ -180,7 +174,7 @@ class VLM:
 
     def envoy_at(self, path: str):
         """The nnsight envoy of the module at dotted ``path`` (see :class:`ModuleLayout`)."""
-        return _get(self.envoy, path)
+        return attrgetter(path)(self.envoy)
 
     @property
     def n_layers(self) -> int:

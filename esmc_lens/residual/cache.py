@@ -246,7 +246,7 @@ class ResidualCache:
         try:
             path.mkdir(parents=True, exist_ok=True)
             save_file(tensors, tmp)
-            digest = _sha256(tmp)
+            digest = file_sha256(tmp)
             doc = {
                 "format_version": FORMAT_VERSION, "tokens": self.tokens, "stream": self.stream,
                 "image_ids": self.image_ids, "prompts": self.prompts, "meta": self.meta,
@@ -301,7 +301,7 @@ class ResidualCache:
                 raise CaptureError(f"{path / 'cache.json'} is damaged (metadata checksum "
                                    f"mismatch): delete {path} and capture again")
             try:
-                digest = _sha256(file)
+                digest = file_sha256(file)
             except OSError as exc:
                 raise CaptureError(f"{file} cannot be read ({exc.strerror or exc}): delete "
                                    f"{path} and capture again") from None
@@ -370,7 +370,8 @@ def _pad_axis(t: torch.Tensor, axis: int, width: int, fill) -> torch.Tensor:
     return torch.cat([t, torch.full(shape, fill, dtype=t.dtype)], dim=axis)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks (``OSError`` if it cannot be read)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):

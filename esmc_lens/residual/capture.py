@@ -31,6 +31,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 
@@ -441,9 +442,9 @@ def _run_nnsight(vlm, enc, bidx, gather, plan: _Plan, features=None):
 
     stream, last = plan.stream, plan.stream[-1]
     envoy = remote_envoy(vlm) if plan.remote else vlm.envoy
-    layers = _get_envoy(envoy, vlm.layout.layers)
+    layers = attrgetter(vlm.layout.layers)(envoy)
     pooler = plan.vision and features is None
-    vision_envoy = _get_envoy(envoy, vlm.layout.vision_tower) if pooler else None
+    vision_envoy = attrgetter(vlm.layout.vision_tower)(envoy) if pooler else None
     kwargs = {"remote": plan.remote} if plan.remote else {}
     with torch.inference_mode(), envoy.trace(**enc, use_cache=False, **kwargs) as tracer:
         saved = nnsight.save([])
@@ -462,13 +463,6 @@ def _run_nnsight(vlm, enc, bidx, gather, plan: _Plan, features=None):
         tracer.stop()  # skip the remaining layers and the full-vocabulary logits
     states = torch.stack([s.to(vlm.device) for s in saved], dim=1)
     return states, (pooled.to(vlm.device) if plan.vision else None)
-
-
-def _get_envoy(envoy, path: str):
-    obj = envoy
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def remote_envoy(vlm: VLM):

@@ -39,16 +39,16 @@ from pathlib import Path
 
 import torch
 
+from ..data.dataset import IMAGE_EXTENSIONS, walk_files
 from ..data.source import ImageSource
 from ..errors import ConfigError
 from ..models.vlm import VLM
 from .cache import ResidualCache
 from .capture import capture_inputs, iter_capture
 
-__all__ = ["IMAGE_SUFFIXES", "DistEnv", "capture_sharded", "capture_to_disk", "dist_env",
+__all__ = ["DistEnv", "capture_sharded", "capture_to_disk", "dist_env",
            "list_images", "merge_capture", "shard_batches"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # capture()'s defaults: options equal to them are left out of the store's settings key, so
 # ``cached_capture(vlm, images, prompt, cache_dir=..., keywords=[...])`` finds the shards
 # this module wrote with the same non-default options.
@@ -74,17 +74,16 @@ def _options(**options) -> dict:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files below ``folder`` (recursively, hidden entries skipped), sorted by path."""
+    """Image files below ``folder`` (recursively, sorted by path), by the dataset loader's
+    rules (:func:`~esmc_lens.data.dataset.walk_files`: hidden entries skipped, links
+    followed without loops; extensions in ``IMAGE_EXTENSIONS``)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"--images {folder}: not a folder of images")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+    found = [p for p in walk_files(folder, []) if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not found:
-        raise ConfigError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under "
+                          f"{folder}")
     return sorted(found)
 
 

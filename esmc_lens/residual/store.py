@@ -69,7 +69,7 @@ from ..errors import CaptureError, ConfigError, EsmcWarning, ImageError, write_f
 from ..lens.keyword_rule import keyword_token_ids
 from ..models.vlm import VLM, library_versions
 from ..validate import check_writable_dir, temp_name, writer_gone
-from .cache import ResidualCache
+from .cache import ResidualCache, file_sha256
 from .capture import capture, capture_inputs
 
 __all__ = ["CACHE_DIR_FIX", "STORE_VERSION", "cache_key", "cache_write_error",
@@ -101,17 +101,14 @@ def _json(doc) -> str:
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """:func:`~esmc_lens.residual.cache.file_sha256` of an image, errors named as the image's."""
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        return file_sha256(path)
     except FileNotFoundError:
         raise ImageError(f"image {path} does not exist: check the path, or reload the "
                          "dataset if files were moved") from None
     except OSError as exc:
         raise ImageError(f"cannot read image {path} ({exc.strerror or exc})") from None
-    return h.hexdigest()
 
 
 def image_fingerprints(images) -> list[str]:
