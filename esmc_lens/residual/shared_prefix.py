@@ -1,0 +1,588 @@
+"""Several criteria, one image pass: the shared prefix runs once, each criterion on its KV cache.
+
+Every criterion prompt enters the model after the same tokens: the chat template, the image
+tokens and (``prompt_style="completion"``) the instruction. Those tokens, the *prefix*, and
+the vision tower run once per image; the criteria's own tokens then run together on the
+prefix's KV cache, as a token trie (criteria that start alike share their first tokens: "The
+color of the object is" and "The color of the background is" share "The color of the"):
+
+    [prefix: system, user, <image> x 105, instruction, assistant]  ->  KV cache
+    trie:  The -> color -> of -> the -> object -> is
+                                     \\-> background -> is
+              \\-> shape -> of -> the -> object -> is
+
+A trie token attends to the prefix and to its own ancestors (a 4-D attention mask) at
+position ``prefix length + depth``, so each criterion's tokens see exactly the keys, values
+and positions of a full forward pass of its prompt alone.
+
+Equality with a full forward pass per criterion (:func:`~esmc_lens.residual.capture.capture`
+of that prompt; ``tests/test_shared_prefix.py``):
+
+* with eager attention, the first criterion's states are bit-identical (its keys are the
+  prefix and its own tokens, in order); the others differ by fp32 rounding only, because
+  masked-out trie tokens of other criteria sit between their keys and change the order of
+  the attention sums (measured: up to 2e-6 of a stream's largest value on the offline model,
+  2e-7 on the tiny LLaVA);
+* with SDPA, the custom mask takes another kernel than a plain causal pass: the same order of
+  differences for every criterion.
+The stated tolerance is ``SHARED_PREFIX_RTOL`` (1e-5) of each stream's largest absolute value.
+
+The Output baseline's answers are generated from the same prefill (:func:`capture_criteria`
+with ``answer_tokens``): greedy tree decoding, one row per image, one new token per criterion
+per step, each attending to the prefix, its criterion's tokens and its own answer so far. An
+answer stops at an end-of-sequence token, at the end of its first sentence or line, or after
+``answer_tokens`` tokens (the cap); the reason is recorded.
+
+>>> cc = capture_criteria(vlm, images, {"color": "The color of the flower is",
+...                                     "species": "The species of the flower is"},
+...                       keywords={"color": ["red", "white"], "species": ["rose", "lily"]})
+...                                                                    # doctest: +SKIP
+>>> cc.caches["color"]  # what capture(vlm, images, ...) gives        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ..data.source import ImageSource
+from ..errors import ConfigError, ModelError
+from ..lens.keyword_rule import keyword_token_ids
+from ..lens.readout import readout
+from ..lens.unembed import LensWorkspace, Unembed
+from ..models.vlm import VLM
+from .cache import ResidualCache
+
+__all__ = ["SHARED_PREFIX_RTOL", "CriteriaCapture", "CriteriaPrompts", "capture_criteria",
+           "criteria_dict", "split_criteria"]
+
+SHARED_PREFIX_RTOL = 1e-5  # of a stream's largest |state|: the stated fp32 tolerance
+ATTENTION = ("sdpa", "eager")  # implementations that take a custom 4-D mask
+LENS_CHUNK_BYTES = 256 << 20  # logits of one lens chunk (fp32)
+_SENTENCE_END = (".", "!", "?")
+
+
+def criteria_dict(prompts: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    """``{name: prompt}`` from one prompt, a list of prompts or a mapping (names kept)."""
+    if isinstance(prompts, str):
+        return {"criterion": prompts}
+    if isinstance(prompts, Mapping):
+        out = {str(k): v for k, v in prompts.items()}
+    else:
+        out = {f"criterion_{i}": p for i, p in enumerate(prompts)}
+    if not out:
+        raise ConfigError("no criteria given: pass {'color': 'The color of the flower is', ...}")
+    bad = [k for k, v in out.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ConfigError(f"criteria {bad} have no prompt text: give each a sentence such as "
+                          "'The color of the flower is'")
+    return out
+
+
+@dataclass(frozen=True)
+class CriteriaPrompts:
+    """How K criterion prompts split into one shared prefix and a trie of their own tokens.
+
+    Sequence indices are those of one unpadded input (``<image>`` expanded), as in
+    :class:`~esmc_lens.residual.cache.ResidualCache`: criterion ``c``'s token ``i`` is prefix
+    token ``i`` for ``i < prefix_len``, else trie node ``paths[c][i - prefix_len]``.
+    """
+
+    names: tuple[str, ...]
+    prompts: tuple[str, ...]
+    formatted: tuple[str, ...]  # each criterion's full model input text
+    prefix_ids: tuple[int, ...]  # [prefix_len] token ids of the shared prefix
+    image_span: tuple[int, int]  # (first image token, one after the last)
+    node_ids: tuple[int, ...]  # [n_nodes] token of each trie node
+    parents: tuple[int, ...]  # [n_nodes] parent node, -1 for a first token
+    paths: tuple[tuple[int, ...], ...]  # per criterion: its trie nodes, in order
+    node_tokens: tuple[str, ...]  # [n_nodes] token strings
+    prefix_tokens: tuple[str, ...]  # [prefix_len] token strings
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.prefix_ids)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.node_ids)
+
+    @property
+    def depth(self) -> torch.Tensor:
+        """[n_nodes] long: 0 for a criterion's first token."""
+        d: list[int] = []
+        for p in self.parents:
+            d.append(0 if p < 0 else d[p] + 1)
+        return torch.tensor(d, dtype=torch.long)
+
+    def visible(self) -> torch.Tensor:
+        """[n_nodes, n_nodes] bool: node i attends to node j (j is i or an ancestor of i)."""
+        n = self.n_nodes
+        vis = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            j = i
+            while j >= 0:
+                vis[i, j] = True
+                j = self.parents[j]
+        return vis
+
+    def seq_len(self, c: int) -> int:
+        """Tokens of criterion ``c``'s full input (prefix + its own)."""
+        return self.prefix_len + len(self.paths[c])
+
+    def tokens(self, c: int) -> list[str]:
+        """Token strings of criterion ``c``'s full input."""
+        return list(self.prefix_tokens) + [self.node_tokens[j] for j in self.paths[c]]
+
+    def cell(self, c: int, seq_index: int) -> tuple[str, int]:
+        """("prefix", i) or ("node", j): where criterion ``c``'s token ``seq_index`` runs."""
+        if not 0 <= seq_index < self.seq_len(c):
+            raise ConfigError(f"position {seq_index} is outside criterion {self.names[c]!r}'s "
+                              f"{self.seq_len(c)}-token input")
+        if seq_index < self.prefix_len:
+            return "prefix", seq_index
+        return "node", self.paths[c][seq_index - self.prefix_len]
+
+    def summary(self) -> dict:
+        return {"prefix_tokens": self.prefix_len, "trie_nodes": self.n_nodes,
+                "criterion_tokens": {n: len(p) for n, p in zip(self.names, self.paths,
+                                                                strict=True)}}
+
+
+def split_criteria(vlm: VLM, prompts, image) -> CriteriaPrompts:
+    """Split the criteria's model inputs into the shared prefix and a token trie.
+
+    ``image`` is any one image (the processor expands ``<image>`` by its size). The split is
+    at the first token that overlaps the criterion text in the formatted input; tokens are
+    those the processor gives each full prompt, so prefix + a criterion's trie path is, token
+    for token, that criterion's input.
+    """
+    crit = criteria_dict(prompts)
+    names, texts = list(crit), list(crit.values())
+    tok = vlm.tokenizer
+    seqs, formatted, cut = [], [], []
+    for name, text in zip(names, texts, strict=True):
+        full = vlm.format_prompt(text)
+        ids = vlm.encode([image], text)["input_ids"][0].tolist()
+        start = full.rfind(text.strip())
+        if start < 0:
+            raise ConfigError(f"criterion {name!r}: the chat template does not keep its prompt "
+                              f"{text!r} verbatim; shared-prefix capture needs it")
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        n_own = sum(1 for _, end in enc["offset_mapping"] if end > start)
+        if n_own == 0 or enc["input_ids"][-n_own:] != ids[-n_own:]:
+            raise ConfigError(f"criterion {name!r}: its tokens could not be located at the end "
+                              "of the model input; shared-prefix capture needs the criterion "
+                              "text last in the prompt (prompt_style 'chat' or 'completion')")
+        seqs.append(ids)
+        formatted.append(full)
+        cut.append(len(ids) - n_own)
+    if len(set(cut)) != 1 or any(s[:cut[0]] != seqs[0][:cut[0]] for s in seqs):
+        raise ConfigError(f"the criteria {names} do not share the tokens before their text "
+                          "(does the template put criterion text before the image?)")
+    prefix = seqs[0][:cut[0]]
+    img = [i for i, t in enumerate(prefix) if t == vlm.image_token_id]
+    if not img:
+        raise ConfigError("no image token before the criterion text: shared-prefix capture "
+                          "needs the image in the shared prefix")
+    node_of: dict[tuple[int, int], int] = {}
+    node_ids: list[int] = []
+    parents: list[int] = []
+    paths = []
+    for s in seqs:
+        parent, path = -1, []
+        for t in s[cut[0]:]:
+            key = (parent, t)
+            if key not in node_of:
+                node_of[key] = len(node_ids)
+                node_ids.append(t)
+                parents.append(parent)
+            parent = node_of[key]
+            path.append(parent)
+        paths.append(tuple(path))
+    return CriteriaPrompts(
+        names=tuple(names), prompts=tuple(texts), formatted=tuple(formatted),
+        prefix_ids=tuple(prefix), image_span=(img[0], img[-1] + 1), node_ids=tuple(node_ids),
+        parents=tuple(parents), paths=tuple(paths),
+        node_tokens=tuple(tok.convert_ids_to_tokens(node_ids)),
+        prefix_tokens=tuple(tok.convert_ids_to_tokens(prefix)))
+
+
+# -- one batch ---------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by the hook of the last stream a pass needs: the rest is not computed."""
+
+
+class _StreamHooks:
+    """Forward hooks keeping ``h[rows, cols]`` of every stream in ``stream`` for one pass.
+
+    ``arm(cols, stop)`` before a pass: ``cols`` [B, P] indexes the pass's sequence axis, and
+    the pass is cut short after stream ``stop`` (None: run to the end).
+    """
+
+    def __init__(self, vlm: VLM, stream: Sequence[int], vision: bool) -> None:
+        self.stream = list(stream)
+        self.got: dict[int, torch.Tensor] = {}
+        self.pooled: list[torch.Tensor] = []
+        self.cols: torch.Tensor | None = None
+        self.stop: int | None = None
+        self.want_vision = vision
+        layers = vlm.layers
+        self.handles = [layers[0].register_forward_pre_hook(
+            lambda m, args, kw: self._keep(0, args[0] if args else kw["hidden_states"]),
+            with_kwargs=True)]
+        for layer in range(vlm.n_layers):
+            self.handles.append(layers[layer].register_forward_hook(
+                lambda m, args, out, s=layer + 1: self._keep(
+                    s, out[0] if isinstance(out, tuple) else out)))
+        if vision:
+            self.handles.append(vlm.vision_tower.register_forward_hook(
+                lambda m, args, out: self.pooled.append(out.pooler_output)))
+
+    def arm(self, cols: torch.Tensor | None, stop: int | None) -> None:
+        self.got, self.cols, self.stop = {}, cols, stop
+
+    def _keep(self, s: int, h: torch.Tensor) -> None:
+        if self.cols is not None and s in self.stream:
+            rows = torch.arange(h.shape[0], device=h.device)[:, None]
+            self.got[s] = h[rows, self.cols]
+        if s == self.stop:
+            raise _Stop
+
+    def states(self) -> torch.Tensor:
+        """[B, S, P, d] of the last pass."""
+        missing = [s for s in self.stream if s not in self.got]
+        if missing:
+            raise ModelError(f"capture hooks did not fire for stream indices {missing}: the "
+                             "model's decoder layers were not all called")
+        return torch.stack([self.got[s] for s in self.stream], dim=1)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _mask(visible: torch.Tensor, dtype: torch.dtype, impl: str) -> torch.Tensor:
+    """[B, q, kv] bool -> the [B, 1, q, kv] mask ``impl`` takes (bool for SDPA, additive
+    float for eager)."""
+    m = visible[:, None]
+    if impl == "eager":
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(
+            ~m, torch.finfo(dtype).min)
+    return m
+
+
+def _run(vlm: VLM, hooks: _StreamHooks, cols, stop, **inputs):
+    hooks.arm(cols, stop)
+    try:
+        with torch.inference_mode():
+            return vlm.model(**inputs)
+    except _Stop:
+        return None
+
+
+@dataclass
+class _BatchOut:
+    prefix: torch.Tensor | None  # [B, S, n_prefix_cells, d]
+    nodes: torch.Tensor | None  # [B, S, n_node_cells, d]
+    vision: torch.Tensor | None  # [B, d_vision]
+    answers: list[list[list[int]]] | None  # [B][K] generated token ids (stop token included)
+    reasons: list[list[str]] | None  # [B][K] "eos", "end" or "cap"
+
+
+def _shared_batch(vlm: VLM, split: CriteriaPrompts, images, stream: list[int],
+                  prefix_cells: list[int], node_cells: list[int], vision: bool,
+                  answer_tokens: int) -> _BatchOut:
+    """One batch: the prefix pass, the trie pass, then (``answer_tokens``) tree decoding."""
+    impl = getattr(vlm.model.config.text_config, "_attn_implementation", None) or "sdpa"
+    if impl not in ATTENTION:
+        raise ConfigError(f"attention implementation {impl!r} takes no custom 4-D mask: load "
+                          "the model with attn_implementation='sdpa' (or 'eager') for "
+                          "shared-prefix capture")
+    dev = vlm.device
+    enc = vlm.encode(images, split.prompts[0])
+    ids, am = enc["input_ids"], enc["attention_mask"]
+    own = len(split.paths[0])
+    P = ids.shape[1] - own  # padded prefix length
+    first = torch.tensor([split.node_ids[j] for j in split.paths[0]], device=ids.device)
+    offsets = P - am[:, :P].sum(1)  # left padding of each row
+    want = torch.tensor(split.prefix_ids, device=ids.device)
+    for b in range(ids.shape[0]):
+        if (P - int(offsets[b]) != split.prefix_len
+                or not torch.equal(ids[b, int(offsets[b]):P], want)
+                or not torch.equal(ids[b, P:], first)):
+            raise ConfigError(f"image {b} of the batch gives a different prefix (image tokens "
+                              f"{P - int(offsets[b])} tokens before the criterion, expected "
+                              f"{split.prefix_len}): shared-prefix capture needs the same "
+                              "number of image tokens for every image")
+    gen = answer_tokens > 0
+    # Without generation both passes stop after the deepest stream kept (the prefix's KV
+    # cache is then filled up to that layer, all the trie pass reads).
+    stop = None if gen else stream[-1]
+    hooks = _StreamHooks(vlm, stream, vision)
+    try:
+        pcols = (offsets[:, None] + torch.tensor(prefix_cells, dtype=torch.long,
+                                                 device=ids.device)[None]).to(dev)
+        pre = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        # A cache of our own: an early stop leaves it filled, the model's would be lost.
+        cache = DynamicCache(config=vlm.model.config.get_text_config())
+        _run(vlm, hooks, pcols if prefix_cells else None, stop,
+             input_ids=ids[:, :P], attention_mask=am[:, :P], past_key_values=cache,
+             use_cache=True, logits_to_keep=1, **pre)
+        prefix_states = hooks.states() if prefix_cells else None
+        if vision and not hooks.pooled:
+            raise ModelError("the vision tower's hook did not fire in the prefix pass")
+        pooled = hooks.pooled[0].detach().float() if vision else None
+        if not gen and not node_cells:
+            return _BatchOut(prefix_states, None, pooled, None, None)
+        B, n = ids.shape[0], split.n_nodes
+        vis_nodes = torch.cat([am[:, :P].bool()[:, None, :].expand(B, n, P).to(dev),
+                               split.visible().to(dev)[None].expand(B, n, n)], dim=2)
+        leaves = [p[-1] for p in split.paths]
+        node_pos = (P + split.depth).to(dev)
+        out = _run(vlm, hooks, torch.tensor(node_cells, device=dev)[None].expand(B, -1)
+                   if node_cells else None, stop,
+                   input_ids=torch.tensor(split.node_ids, device=dev)[None].expand(B, -1),
+                   attention_mask=_mask(vis_nodes, vlm.dtype, impl),
+                   position_ids=node_pos[None].expand(B, -1), past_key_values=cache,
+                   use_cache=True, logits_to_keep=torch.tensor(leaves, device=dev))
+        node_states = hooks.states() if node_cells else None
+        answers = reasons = None
+        if gen:
+            hooks.arm(None, None)  # decoding keeps no states
+            answers, reasons = _tree_decode(vlm, cache, out.logits, vis_nodes[:, leaves],
+                                            node_pos[leaves] + 1, answer_tokens, impl)
+    finally:
+        hooks.close()
+    return _BatchOut(prefix_states, node_states, pooled, answers, reasons)
+
+
+def stop_token_ids(vlm: VLM) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the generation config's."""
+    out: set[int] = set()
+    for x in (vlm.tokenizer.eos_token_id,
+              getattr(getattr(vlm.model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(x, int):
+            out.add(x)
+        elif x:
+            out.update(int(i) for i in x)
+    return out
+
+
+def _ends_answer(vlm: VLM, token_id: int, memo: dict[int, bool]) -> bool:
+    """Does this token end the answer's first sentence or line?"""
+    if token_id not in memo:
+        text = vlm.tokenizer.decode([token_id])
+        memo[token_id] = "\n" in text or text.strip().endswith(_SENTENCE_END)
+    return memo[token_id]
+
+
+def _tree_decode(vlm: VLM, cache, logits: torch.Tensor, visible: torch.Tensor,
+                 next_pos: torch.Tensor, cap: int, impl: str):
+    """Greedy answers of every criterion, one row per image and one token per criterion per
+    step. ``logits`` [B, K, V] at each criterion's last token, ``visible`` [B, K, kv] the
+    keys its first answer token sees, ``next_pos`` [K] that token's position."""
+    B, K = logits.shape[:2]
+    eos = stop_token_ids(vlm)
+    memo: dict[int, bool] = {}
+    answers = [[[] for _ in range(K)] for _ in range(B)]
+    reasons = [["cap"] * K for _ in range(B)]
+    done = torch.zeros(B, K, dtype=torch.bool)
+    own = torch.eye(K, dtype=torch.bool, device=visible.device)[None].expand(B, K, K)
+    seen = visible
+    for step in range(cap):
+        nxt = logits.argmax(-1)  # [B, K]
+        for b, c in (~done).nonzero().tolist():
+            t = int(nxt[b, c])
+            answers[b][c].append(t)
+            if t in eos:
+                reasons[b][c], done[b, c] = "eos", True
+            elif _ends_answer(vlm, t, memo):
+                reasons[b][c], done[b, c] = "end", True
+        if bool(done.all()) or step == cap - 1:
+            break
+        seen = torch.cat([seen, own], dim=2)  # each answer token sees its own criterion's
+        with torch.inference_mode():
+            out = vlm.model(input_ids=nxt, attention_mask=_mask(seen, vlm.dtype, impl),
+                            position_ids=(next_pos + step)[None].expand(B, -1),
+                            past_key_values=cache, use_cache=True)
+        logits = out.logits
+    return answers, reasons
+
+
+# -- many batches ----------------------------------------------------------------------------
+
+
+@dataclass
+class CriteriaCapture:
+    """What :func:`capture_criteria` returns.
+
+    ``caches[name]`` is the :class:`~esmc_lens.residual.cache.ResidualCache` that
+    ``capture(vlm, images, prompt, positions=..., layers=..., keywords=...)`` gives that
+    criterion (within ``SHARED_PREFIX_RTOL``); ``answers[name]`` its generated answers (one
+    per image) and ``answer_stops[name]`` why each stopped ("eos", "end" of the first
+    sentence or line, "cap").
+    """
+
+    split: CriteriaPrompts
+    caches: dict[str, ResidualCache]
+    answers: dict[str, list[str]] | None = None
+    answer_stops: dict[str, list[str]] | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.split.names)
+
+
+def _positions(split: CriteriaPrompts, positions) -> list[list[int]]:
+    """Sequence indices to keep of each criterion: "prompt" (after the image), or a mapping
+    name -> list of indices (negative from the end)."""
+    out = []
+    for c, name in enumerate(split.names):
+        n = split.seq_len(c)
+        if isinstance(positions, str):
+            if positions != "prompt":
+                raise ConfigError(f"positions={positions!r}: use 'prompt' or a mapping "
+                                  "criterion -> list of sequence indices")
+            out.append(list(range(split.image_span[1], n)))
+            continue
+        if not isinstance(positions, Mapping) or name not in positions:
+            raise ConfigError(f"positions has no entry for criterion {name!r}: give 'prompt' "
+                              "or a mapping with every criterion")
+        idx = [int(p) for p in positions[name]]
+        bad = [p for p in idx if not -n <= p < n]
+        if bad or not idx:
+            raise ConfigError(f"positions {bad or idx} of criterion {name!r}: give indices "
+                              f"inside its {n}-token input")
+        out.append([p % n for p in idx])
+    return out
+
+
+def capture_criteria(
+    vlm: VLM,
+    images,
+    prompts,
+    *,
+    positions="prompt",
+    layers: Sequence[int] | None = None,
+    keywords: Mapping[str, Sequence[str]] | None = None,
+    top_k: int = 0,
+    store_dtype: torch.dtype = torch.float16,
+    vision: bool = False,
+    answer_tokens: int = 0,
+    batch_size: int = 8,
+    image_ids: Sequence[str] | None = None,
+    split: CriteriaPrompts | None = None,
+    progress: bool = True,
+) -> CriteriaCapture:
+    """Capture every criterion in ``prompts`` with one pass over ``images`` (module doc).
+
+    Parameters
+    ----------
+    prompts : ``{name: prompt}`` (or one prompt, or a list).
+    positions : "prompt" (every token after the image, each criterion's own) or a mapping
+        name -> sequence indices of that criterion's input.
+    layers : stream indices to keep (0 = embeddings); default all.
+    keywords : name -> keywords whose lens probabilities to compute at that criterion's cells
+        (a cell shared by several criteria is read by the lens once).
+    answer_tokens : generate each criterion's answer from the same prefill, at most this many
+        tokens (0: no generation).
+    split : a :func:`split_criteria` of the same prompts, to skip recomputing it.
+    Other arguments as :func:`~esmc_lens.residual.capture.capture`.
+    """
+    source = ImageSource.of(images, image_ids)
+    crit = criteria_dict(prompts)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1")
+    if isinstance(answer_tokens, bool) or not isinstance(answer_tokens, int) or answer_tokens < 0:
+        raise ConfigError(f"answer_tokens={answer_tokens!r} must be an int >= 0")
+    split = split or split_criteria(vlm, crit, source.load(0))
+    if list(split.prompts) != list(crit.values()):
+        raise ConfigError("split= was made for other prompts: call split_criteria on these")
+    stream = list(range(vlm.n_layers + 1)) if layers is None else sorted({int(s) for s in layers})
+    if not stream or stream[0] < 0 or stream[-1] > vlm.n_layers:
+        raise ConfigError(f"layers={layers}: stream indices run 0..{vlm.n_layers}")
+    keep = _positions(split, positions)
+    kws = dict(keywords or {})
+    unknown = sorted(set(kws) - set(split.names))
+    if unknown:
+        raise ConfigError(f"keywords for unknown criteria {unknown}; criteria: {split.names}")
+    # Distinct cells: a prefix position or trie node kept by several criteria runs (and is
+    # read by the lens) once.
+    cells = [[split.cell(c, p) for p in keep[c]] for c in range(len(split.names))]
+    prefix_cells = sorted({i for cs in cells for kind, i in cs if kind == "prefix"})
+    node_cells = sorted({i for cs in cells for kind, i in cs if kind == "node"})
+    col = {("prefix", i): j for j, i in enumerate(prefix_cells)}
+    col.update({("node", i): len(prefix_cells) + j for j, i in enumerate(node_cells)})
+    kw_tokens = {n: keyword_token_ids(vlm.tokenizer, kws[n]) for n in split.names if kws.get(n)}
+    groups, group_of = [], {}
+    for n, kt in kw_tokens.items():
+        group_of[n] = list(range(len(groups), len(groups) + len(kt.groups)))
+        groups.extend(kt.groups)
+    unembed = Unembed.from_model(vlm) if (groups or top_k) else None
+    workspace = LensWorkspace() if unembed is not None else None
+    chunk = max(64, LENS_CHUNK_BYTES // (4 * vlm.vocab_size))
+
+    parts: dict[str, list[ResidualCache]] = {n: [] for n in split.names}
+    answers = {n: [] for n in split.names} if answer_tokens else None
+    stops = {n: [] for n in split.names} if answer_tokens else None
+    batches = range(0, source.n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="capture (one pass, all criteria)")
+    for start in batches:
+        idx = list(range(start, min(start + batch_size, source.n)))
+        out = _shared_batch(vlm, split, [source.load(i) for i in idx], stream, prefix_cells,
+                            node_cells, vision, answer_tokens)
+        both = [t for t in (out.prefix, out.nodes) if t is not None]
+        states = torch.cat(both, dim=2)  # [B, S, distinct cells, d]
+        r = None
+        if unembed is not None:
+            r = readout(states, unembed, groups, top_k, chunk=chunk, workspace=workspace)
+        for c, name in enumerate(split.names):
+            sel = torch.tensor([col[x] for x in cells[c]], dtype=torch.long)
+            toks = split.tokens(c)
+            kwp = None
+            if r is not None and name in group_of:
+                kwp = r.keyword_probs[:, :, sel][..., group_of[name]]
+            parts[name].append(ResidualCache(
+                states=states[:, :, sel.to(states.device)].to(store_dtype).cpu(),
+                positions=torch.tensor(keep[c], dtype=torch.long)[None].repeat(len(idx), 1),
+                tokens=[[toks[p] for p in keep[c]] for _ in idx],
+                image_span=torch.tensor([split.image_span] * len(idx), dtype=torch.long),
+                stream=list(stream), image_ids=[source.ids[i] for i in idx],
+                prompts=[split.prompts[c]] * len(idx),
+                vision=out.vision.cpu() if vision else None,
+                keywords=kw_tokens[name].keywords if name in kw_tokens else None,
+                keyword_probs=kwp,
+                top_ids=r.top_ids[:, :, sel] if (r is not None and top_k) else None,
+                top_probs=r.top_probs[:, :, sel] if (r is not None and top_k) else None))
+            if answers is not None:
+                for b in range(len(idx)):
+                    answers[name].append(vlm.tokenizer.decode(
+                        out.answers[b][c], skip_special_tokens=True).strip())
+                    stops[name].append(out.reasons[b][c])
+    base = {k: v for k, v in vlm.metadata().items() if k != "chat_template"}
+    caches = {}
+    for c, name in enumerate(split.names):
+        cache = ResidualCache.concat(parts[name])
+        kt = kw_tokens.get(name)
+        cache.meta = base | {
+            "prompt": split.prompts[c], "formatted_prompt": split.formatted[c],
+            "positions": positions if isinstance(positions, str) else repr(keep[c]),
+            "store_dtype": str(store_dtype).replace("torch.", ""),
+            "keyword_tokens": None if kt is None else {
+                "groups": kt.groups, "multi_token": kt.multi_token,
+                "clashes": {str(k): v for k, v in kt.clashes.items()}},
+            "shared_prefix": split.summary()}
+        caches[name] = cache
+    return CriteriaCapture(split=split, caches=caches, answers=answers, answer_stops=stops,
+                           meta={"shared_prefix": split.summary(), "batch_size": batch_size,
+                                 "answer_tokens": answer_tokens})
