@@ -1,31 +1,43 @@
-"""ESMC end to end: images -> capture -> lens -> localize -> cluster -> report.
+"""ESMC end to end, one or many criteria: images -> capture -> lens -> localize -> cluster.
 
 >>> vlm = load_model("offline")                                            # doctest: +SKIP
 >>> ds = load_dataset("../shared/data/esmc/flower")                         # doctest: +SKIP
->>> res = run_esmc(vlm, ds, "The color of the flower is", criterion="color")  # doctest: +SKIP
->>> res.scores                 # ESMC and its baselines, mean ± std over seeds  # doctest: +SKIP
->>> res.clusters               # each cluster named by the lens                  # doctest: +SKIP
->>> res.save("outputs/flower-color")                                        # doctest: +SKIP
+>>> res = run_esmc(vlm, ds, {"color": "The color of the flower is",
+...                          "species": "The species of the flower is"})   # doctest: +SKIP
+>>> res["color"].scores        # ESMC and its baselines, mean ± std over seeds  # doctest: +SKIP
+>>> res.cross_criterion()      # the partitions differ: NMI between them       # doctest: +SKIP
+>>> res.save("outputs/flower")                                               # doctest: +SKIP
 
-Two passes over the model, as the paper's section 3.1 intends:
+A single prompt (``run_esmc(vlm, ds, "The color of the flower is", criterion="color")``)
+gives one :class:`~esmc_lens.report.result.EsmcResult`; a mapping ``name -> prompt`` gives a
+:class:`~esmc_lens.report.result.MultiResult` over the same images.
 
-1. *localization*: ``n_samples`` sampled images are captured at every layer and prompt
-   position with the keywords' lens probabilities (Algorithm 1 picks the target cells);
-2. *embedding*: every image is captured only at the target layer(s) and position(s) (the
-   trace stops after the deepest target layer), plus the vision encoder's pooled feature for
-   the vision-only baseline.
+The stages, each a function here that the CLI, the demo, the notebooks' workbench and the
+widgets call (so they all compute the same thing, through the same disk cache):
 
-The target embedding (``space``: lens probabilities, ``"probs"``, by default: the paper's
-vocabulary space, |V| dimensions, "after applying the softmax function to embedding
-logits" as its section 4.3 reads; ``"logits"`` and ``"hidden"`` are available) is
-clustered by :class:`~esmc_lens.cluster.head.PseudoLabelHead` (Algorithm 2). Scores of every method
-are the mean and std over ``n_seeds`` seeds; ``labels`` are those of ``seed``.
+1. :func:`select_keywords`: per criterion, the user's keywords, else the local LM's answer
+   (label-free; class names only when asked for, and then the run is marked supervised);
+2. :func:`localize_criteria`: ``n_samples`` sampled images (the same for every criterion)
+   captured at every layer and prompt position with the keywords' lens probabilities, then
+   Algorithm 1 (:func:`~esmc_lens.localization.votes.localize`) picks each target;
+3. :func:`embed_criteria`: every image at its criterion's target cells only (the trace
+   stops after the deepest target layer), read in ``space`` (lens probabilities, the
+   paper's vocabulary space, by default), plus the vision side's features for the
+   vision-only baseline;
+4. :func:`cluster_criterion`: :class:`~esmc_lens.cluster.head.PseudoLabelHead`
+   (Algorithm 2) over ``n_seeds`` seeds, and the baselines (k-means on the same
+   embeddings, the Output baseline on generated answers, vision-only);
+5. the clusters are named by the lens of their mean vocabulary-space vector.
+
+Scores are the mean and std over ``n_seeds`` seeds; the reported labels are seed ``seed``'s.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -45,17 +57,70 @@ from .data.source import ImageSource
 from .errors import ConfigError, EsmcWarning
 from .lens.keyword_rule import keyword_token_ids
 from .lens.unembed import Unembed
-from .localization.keywords import choose_keywords
+from .localization.keywords import Keywords, choose_keywords
 from .localization.targets import target_embeddings, target_labels
-from .localization.votes import localize
+from .localization.votes import Localization, localize
 from .models.vlm import VLM
 from .report.naming import name_clusters
-from .report.result import EsmcResult
+from .report.result import EsmcResult, MultiResult
+from .residual.cache import ResidualCache
 from .residual.capture import capture
 from .validate import check_finite, check_run, keyword_notes
 
+__all__ = [
+    "Criterion",
+    "CriterionEmbedding",
+    "as_criteria",
+    "capture_fn",
+    "capture_target_cells",
+    "cluster_criterion",
+    "embed_criteria",
+    "labels_for",
+    "localization_sample",
+    "localize_criteria",
+    "run_esmc",
+    "select_keywords",
+    "target_tail_positions",
+]
 
-def _labels_for(images, criterion: str | None, y_true, class_names):
+
+@dataclass(frozen=True)
+class Criterion:
+    """One clustering criterion: its name (a dataset criterion folder, if labelled) and the
+    prompt that asks for it ("The color of the flower is")."""
+
+    name: str | None
+    prompt: str
+
+
+def as_criteria(prompt: str | Mapping[str, str], criterion: str | None = None
+                ) -> list[Criterion]:
+    """The criteria of a run: one prompt (named ``criterion``) or a mapping name -> prompt."""
+    if isinstance(prompt, Mapping):
+        if criterion is not None:
+            raise ConfigError("criterion= names a single prompt; with several criteria the "
+                              "mapping's keys are their names")
+        if not prompt:
+            raise ConfigError("no criteria: give {'color': 'The color of the flower is', ...}")
+        out = []
+        for name, text in prompt.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(f"criterion name {name!r} must be a non-empty string")
+            if not isinstance(text, str):
+                raise ConfigError(f"the prompt of criterion {name!r} must be a string, got "
+                                  f"{type(text).__name__}")
+            out.append(Criterion(name, text))
+        return out
+    if not isinstance(prompt, str):
+        raise ConfigError(f"prompt must be a string or a mapping name -> prompt, got "
+                          f"{type(prompt).__name__}")
+    return [Criterion(criterion, prompt)]
+
+
+def labels_for(images, criterion: str | None, y_true=None, class_names=None
+               ) -> tuple[np.ndarray | None, list[str] | None]:
+    """``(y [n_images] or None, class names or None)``: ``y_true`` if given, else the
+    dataset's labels of ``criterion`` (``-1`` = unlabelled), else none."""
     if y_true is not None:
         return np.asarray(y_true), class_names
     if isinstance(images, ImageDataset) and criterion is not None:
@@ -64,6 +129,41 @@ def _labels_for(images, criterion: str | None, y_true, class_names):
                               f"are {images.criteria}")
         return images.y(criterion), list(images.classes[criterion])
     return None, class_names
+
+
+def _per_criterion(value, criteria: list[Criterion], what: str) -> dict:
+    """``value`` for each criterion: a mapping keyed by criterion name, or one for all."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {c.name for c in criteria})
+        if unknown:
+            raise ConfigError(f"{what} for unknown criteria {unknown}; the criteria are "
+                              f"{[c.name for c in criteria]}")
+        return {c.name: value.get(c.name) for c in criteria}
+    return {c.name: value for c in criteria}
+
+
+# -- stage 1: keywords -----------------------------------------------------------------
+
+
+def select_keywords(vlm: VLM, criteria: list[Criterion], keywords=None, images=None,
+                    source: str = "auto") -> dict[str | None, Keywords]:
+    """Each criterion's keywords (:func:`~esmc_lens.localization.keywords.choose_keywords`).
+
+    ``keywords``: one list for every criterion, or a mapping criterion name -> list (or
+    ``"class-names"``); ``source``: ``"auto"`` (the user's, else the LM's), ``"user"``,
+    ``"lm"`` or ``"class_names"`` (supervised).
+    """
+    per = _per_criterion(keywords, criteria, "keywords")
+    out = {}
+    for c in criteria:
+        kw = choose_keywords(vlm, c.prompt, per[c.name], images, c.name, source)
+        for note in keyword_notes(vlm.tokenizer, kw.words):
+            warnings.warn(note, EsmcWarning, stacklevel=3)
+        out[c.name] = kw
+    return out
+
+
+# -- stage 2: localization -------------------------------------------------------------
 
 
 def capture_fn(cache_dir: str | Path | None):
@@ -75,28 +175,170 @@ def capture_fn(cache_dir: str | Path | None):
     return partial(cached_capture, cache_dir=cache_dir)
 
 
+def localization_sample(n_images: int, n_samples: int, seed: int) -> np.ndarray:
+    """Indices of the images Algorithm 1 reads (sorted; ``numpy.random.default_rng(seed)``),
+    the same for every criterion of a run."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_images, size=min(n_samples, n_images), replace=False))
+
+
+def localize_criteria(vlm: VLM, images, criteria: list[Criterion],
+                      keywords: Mapping[str | None, Keywords], sample: np.ndarray, *,
+                      tau: float = 0.2, seed: int = 0, batch_size: int = 8,
+                      cache_dir: str | Path | None = None, progress: bool = True
+                      ) -> dict[str | None, tuple[ResidualCache, Localization]]:
+    """Algorithm 1 for every criterion on the images ``sample``: ``{name: (cache, loc)}``.
+
+    The cache holds every layer at every prompt position of the sampled images, with the
+    keywords' lens probabilities computed from the full-precision states during capture.
+    """
+    source = ImageSource.of(images)
+    imgs = [source.load(int(i)) for i in sample]
+    ids = [source.ids[int(i)] for i in sample]
+    cap = capture_fn(cache_dir)
+    out = {}
+    for c in criteria:
+        cache = cap(vlm, imgs, c.prompt, keywords=keywords[c.name].words,
+                    batch_size=batch_size, image_ids=ids, progress=progress)
+        check_finite(cache.keyword_probs.reshape(len(cache), -1).numpy(), cache.image_ids,
+                     "lens keyword probabilities")
+        loc = localize(cache, tau=tau, n_samples=len(sample), seed=seed)
+        if loc.message:
+            warnings.warn(f"{c.name or c.prompt!r}: {loc.message}", EsmcWarning, stacklevel=2)
+        out[c.name] = (cache, loc)
+    return out
+
+
+# -- stage 3: target embeddings ---------------------------------------------------------
+
+
+@dataclass
+class CriterionEmbedding:
+    """What :func:`embed_criteria` gives one criterion.
+
+    ``X`` [n_images, n_targets * dim] in ``space``; ``vocab`` [n_images, |V|] the first
+    target in a vocabulary space (for naming; ``X``'s first block unless ``space`` is
+    "hidden"); ``cells`` the targets as ``(stream index, sequence position counted from the
+    end)`` (-1: the last token), ``labels`` their ``E_l(position:token)`` names (position
+    from the start, in the first sampled image); ``cache`` the target cache (``vision`` holds the
+    vision side's features when asked for).
+    """
+
+    X: np.ndarray
+    vocab: np.ndarray
+    cells: list[tuple[int, int]]
+    labels: list[str]
+    cache: ResidualCache
+
+
 def capture_target_cells(vlm: VLM, images, prompt: str, positions: list[int],
                          layers: list[int], *, cache_dir: str | Path | None = None,
                          batch_size: int = 8, vision: bool = True, progress: bool = True):
-    """Every image at the target cells only: :func:`run_esmc`'s second capture.
+    """Every image at the target cells only.
 
     ``positions`` are sequence positions, ``layers`` stream indices; states are kept in fp32.
     Anything that recaptures a run's targets (e.g.
-    :func:`esmc_lens.report.diagnose.readout_for_run`)
-    goes through here, so with the run's ``cache_dir`` its batches are read back, not
-    recomputed.
+    :func:`esmc_lens.report.diagnose.readout_for_run`) goes through here, so with the run's
+    ``cache_dir`` its batches are read back, not recomputed.
     """
     return capture_fn(cache_dir)(vlm, images, prompt, positions=positions, layers=layers,
                                  batch_size=batch_size, vision=vision,
                                  store_dtype=torch.float32, progress=progress)
 
 
+def target_tail_positions(loc_cache, targets) -> tuple[list[int], list[tuple[int, int]]]:
+    """The target cells' sequence positions counted from the end (-1: the last token), and
+    the ``(stream, slot)`` targets re-indexed into that sorted list.
+
+    ``loc_cache`` holds the prompt's positions (the tokens after the image, to the end), so
+    counted from the end a target is the same prompt token in every image with the same
+    prompt, also where the image-token count differs per image (dynamic resolution, e.g.
+    Qwen2-VL, LLaVA-NeXT): row 0's indices from the start would name other tokens there.
+    """
+    n0 = int(loc_cache.positions[0].max()) + 1  # row 0's sequence length
+    tail_of = {p: int(loc_cache.positions[0, p]) - n0 for _, p in targets}
+    tail = sorted(set(tail_of.values()))
+    return tail, [(s, tail.index(tail_of[p])) for s, p in targets]
+
+
+def embed_criteria(vlm: VLM, images, criteria: list[Criterion],
+                   localized: Mapping[str | None, tuple[ResidualCache, Localization]], *,
+                   space: str = "probs", batch_size: int = 8, vision: bool = True,
+                   cache_dir: str | Path | None = None, progress: bool = True
+                   ) -> dict[str | None, CriterionEmbedding]:
+    """Every image's target embedding for every criterion (see :class:`CriterionEmbedding`)."""
+    unembed = Unembed.from_model(vlm)
+    out = {}
+    for c in criteria:
+        loc_cache, loc = localized[c.name]
+        tail, slots = target_tail_positions(loc_cache, loc.targets)
+        cells = [(s, tail[j]) for s, j in slots]
+        cache = capture_target_cells(vlm, images, c.prompt, tail, sorted({s for s, _ in cells}),
+                                     cache_dir=cache_dir, batch_size=batch_size,
+                                     vision=vision, progress=progress)
+        X = target_embeddings(cache, slots, space=space, unembed=unembed)
+        check_finite(X, cache.image_ids, "target embeddings")
+        vocab = (X if space != "hidden" else
+                 target_embeddings(cache, slots[:1], "logits", unembed))[:, :unembed.vocab_size]
+        out[c.name] = CriterionEmbedding(X, vocab, cells, target_labels(loc_cache, loc.targets),
+                                         cache)
+    return out
+
+
+def generate_answers(vlm: VLM, images, prompt: str, batch_size: int = 8,
+                     progress: bool = True) -> list[str]:
+    """The model's answer to ``prompt`` for every image, each to the end of its sentence
+    (:meth:`~esmc_lens.models.vlm.VLM.generate`): the Output baseline's input."""
+    source = ImageSource.of(images)
+    starts = range(0, source.n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="answers", total=len(starts))
+    answers: list[str] = []
+    for s in starts:
+        answers.extend(vlm.generate([source.load(i) for i in range(s, min(s + batch_size,
+                                                                          source.n))], prompt))
+    return answers
+
+
+# -- stage 4: clustering -----------------------------------------------------------------
+
+
+def cluster_criterion(X: np.ndarray, y: np.ndarray | None, n_clusters: int, *, alpha: float,
+                      seeds: Sequence[int], epochs: int = 100, head_lr: float = 1e-3,
+                      baselines: bool = True, answers: Sequence[str] | None = None,
+                      vision: np.ndarray | None = None, progress: bool = True
+                      ) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
+    """``({method: per-seed scores}, labels [n_images] of the first seed)``.
+
+    ESMC is the head on ``X``; the baselines (with labels) are k-means on the same ``X``
+    ("ESMC w/o head"), the Output baseline on ``answers`` and k-means on ``vision``.
+    Without labels every score is computed against a constant labelling and not reported.
+    """
+    y_eval = y if y is not None else np.zeros(X.shape[0], dtype=int)
+    per_seed: dict[str, pd.DataFrame] = {}
+    df, labels = head_scores(X, y_eval, n_clusters, alpha, seeds=seeds, return_labels=True,
+                             epochs=epochs, lr=head_lr, progress=progress)
+    per_seed["ESMC"] = df
+    if baselines and y is not None:
+        per_seed["ESMC w/o head"] = kmeans_scores(X, y, n_clusters, seeds=seeds)
+        if answers is not None:
+            per_seed["Output"] = output_baseline(list(answers), y, n_clusters, seeds=seeds)
+        if vision is not None:
+            per_seed["Vision only"] = vision_baseline(vision, y, n_clusters, seeds=seeds)
+    return per_seed, np.asarray(labels[0])
+
+
+# -- the whole run -----------------------------------------------------------------------
+
+
 def run_esmc(
     vlm: VLM,
     images,
-    prompt: str,
+    prompt: str | Mapping[str, str],
     *,
-    n_clusters: int | None = None,
+    n_clusters: int | Mapping[str, int] | None = None,
     criterion: str | None = None,
     y_true=None,
     class_names: list[str] | None = None,
@@ -112,110 +354,92 @@ def run_esmc(
     head_lr: float = 1e-3,
     baselines: bool = True,
     batch_size: int = 8,
-    answer_tokens: int = 8,
     progress: bool = True,
     cache_dir: str | Path | None = None,
-) -> EsmcResult:
-    """Run ESMC on ``images`` for the criterion ``prompt`` (see the module docstring).
+) -> EsmcResult | MultiResult:
+    """Run ESMC on ``images`` for one criterion prompt or several (see the module docstring).
 
-    ``images``: an :class:`~esmc_lens.data.dataset.ImageDataset` (labels from ``criterion``),
-    PIL images or paths (labels from ``y_true`` if any). ``n_clusters`` defaults to the
-    number of classes when labels exist. ``cache_dir``: keep both captures on disk there
-    (:func:`~esmc_lens.residual.store.cached_capture`), so an interrupted run resumes.
+    ``images``: an :class:`~esmc_lens.data.dataset.ImageDataset` (labels from each
+    criterion's name), PIL images or paths (labels from ``y_true`` if any, one criterion).
+    ``prompt``: a prompt, or a mapping criterion name -> prompt (then a
+    :class:`~esmc_lens.report.result.MultiResult`). ``n_clusters`` defaults to the number of
+    classes when labels exist (a mapping gives one per criterion). ``keywords``: a list, or
+    a mapping criterion name -> list; none: the LM's (``keyword_source="auto"``).
+    ``cache_dir``: keep the captures on disk there, so an interrupted run resumes.
     """
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
+    t0 = time.perf_counter()
+    criteria = as_criteria(prompt, criterion)
+    if y_true is not None and len(criteria) > 1:
+        raise ConfigError("y_true labels one criterion; with several, pass an ImageDataset "
+                          "whose criterion folders label the images")
     source = ImageSource.of(images)
-    check_run(vlm, images, prompt, criterion=criterion, n_images=source.n, n_clusters=n_clusters,
-              alpha=alpha, tau=tau, n_samples=n_samples, batch_size=batch_size,
-              n_seeds=n_seeds, epochs=epochs)
-    y, class_names = _labels_for(images, criterion, y_true, class_names)
-    if n_clusters is None:
-        if y is None or class_names is None:
-            raise ConfigError("n_clusters is needed when the images have no labels "
-                              "(--k K)")
-        n_clusters = len(class_names)
-    if not 2 <= n_clusters <= source.n:
-        raise ConfigError(f"n_clusters={n_clusters}: need 2 <= k <= {source.n} (the number "
-                          "of images)")
-    if not 0 < alpha <= 1:
-        raise ConfigError(f"alpha={alpha}: the pseudo-label ratio must be in (0, 1]")
-    kw = choose_keywords(vlm, prompt, keywords, images, criterion, keyword_source)
-    for note in keyword_notes(vlm.tokenizer, kw.words):
-        warnings.warn(note, EsmcWarning, stacklevel=2)
-    cap = capture_fn(cache_dir)
-    timings["keywords"] = time.perf_counter() - t
+    labels_of, ks = {}, {}
+    k_per = _per_criterion(n_clusters, criteria, "n_clusters")
+    for c in criteria:
+        check_run(vlm, images, c.prompt, criterion=c.name, n_images=source.n,
+                  n_clusters=k_per[c.name], alpha=alpha, tau=tau, n_samples=n_samples,
+                  batch_size=batch_size, n_seeds=n_seeds, epochs=epochs)
+        labels_of[c.name] = labels_for(images, c.name, y_true, class_names)
+        k = k_per[c.name]
+        if k is None:
+            y, names = labels_of[c.name]
+            if y is None or names is None:
+                raise ConfigError("n_clusters is needed when the images have no labels (--k K)")
+            k = len(names)
+        if not 2 <= k <= source.n:
+            raise ConfigError(f"n_clusters={k}: need 2 <= k <= {source.n} (the number of "
+                              "images)")
+        ks[c.name] = k
+    kws = select_keywords(vlm, criteria, keywords, images, keyword_source)
+    t_kw = time.perf_counter() - t0
 
-    # 1. localization on sampled images: every layer, every prompt position.
     t = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(source.n, size=min(n_samples, source.n), replace=False))
-    sample_imgs = [source.load(int(i)) for i in sample]
-    loc_cache = cap(vlm, sample_imgs, prompt, keywords=kw.words, batch_size=batch_size,
-                    image_ids=[source.ids[i] for i in sample], progress=progress)
-    check_finite(loc_cache.keyword_probs.reshape(len(loc_cache), -1).numpy(),
-                 loc_cache.image_ids, "lens keyword probabilities")
-    loc = localize(loc_cache, tau=tau, n_samples=len(sample), seed=seed)
-    if not loc.found:
-        warnings.warn(loc.message, EsmcWarning, stacklevel=2)
-    timings["localize"] = time.perf_counter() - t
+    sample = localization_sample(source.n, n_samples, seed)
+    localized = localize_criteria(vlm, images, criteria, kws, sample, tau=tau, seed=seed,
+                                  batch_size=batch_size, cache_dir=cache_dir,
+                                  progress=progress)
+    t_loc = time.perf_counter() - t
+    t = time.perf_counter()
+    embedded = embed_criteria(vlm, images, criteria, localized, space=space,
+                              batch_size=batch_size, vision=baselines, cache_dir=cache_dir,
+                              progress=progress)
+    t_emb = time.perf_counter() - t
 
-    # 2. every image at the target cells only.
-    t = time.perf_counter()
-    seq = sorted({int(loc_cache.positions[0, p]) for _, p in loc.targets})
-    cache = capture_target_cells(vlm, images, prompt, seq, sorted({s for s, _ in loc.targets}),
-                                 cache_dir=cache_dir, batch_size=batch_size, vision=baselines,
-                                 progress=progress)
-    targets = [(s, seq.index(int(loc_cache.positions[0, p]))) for s, p in loc.targets]
-    unembed = Unembed.from_model(vlm)
-    X = target_embeddings(cache, targets, space=space, unembed=unembed)
-    check_finite(X, cache.image_ids, "target embeddings")
-    timings["capture"] = time.perf_counter() - t
-
-    # 3. cluster: the reported labels are seed ``seed``; scores are over n_seeds seeds.
-    t = time.perf_counter()
     seeds = list(range(seed, seed + n_seeds))
-    per_seed: dict[str, pd.DataFrame] = {}
-    y_eval = y if y is not None else np.zeros(source.n, dtype=int)
-    esmc_df, esmc_labels = head_scores(X, y_eval, n_clusters, alpha, seeds=seeds,
-                                       return_labels=True, epochs=epochs, lr=head_lr)
-    labels = np.asarray(esmc_labels[0])
-    per_seed["ESMC"] = esmc_df
-    timings["cluster"] = time.perf_counter() - t
-
-    answers = None
-    if baselines and y is not None:
+    results = {}
+    for c in criteria:
         t = time.perf_counter()
-        per_seed["ESMC w/o head"] = kmeans_scores(X, y, n_clusters, seeds=seeds)
-        answers = []
-        for s in range(0, source.n, batch_size):
-            batch = [source.load(i) for i in range(s, min(s + batch_size, source.n))]
-            answers.extend(vlm.generate(batch, prompt, max_new_tokens=answer_tokens))
-        per_seed["Output"] = output_baseline(answers, y, n_clusters, seeds=seeds)
-        per_seed["Vision only"] = vision_baseline(cache.vision.numpy(), y, n_clusters,
-                                                  seeds=seeds)
-        timings["baselines"] = time.perf_counter() - t
-    scores = score_table(per_seed) if y is not None else pd.DataFrame()
-
-    # 4. explain: name each cluster by the lens of its mean vocabulary-space vector.
-    vocab = X if space != "hidden" else target_embeddings(cache, targets, "logits", unembed)
-    if len(targets) > 1:  # name by the first target's vocabulary block
-        vocab = vocab[:, : unembed.vocab_size]
-    clusters = name_clusters(vocab, labels, vlm.tokenizer, keywords=kw.words,
-                             keyword_groups=keyword_token_ids(vlm.tokenizer, kw.words),
-                             y_true=y, class_names=class_names)
-    return EsmcResult(
-        model=vlm.name, criterion=criterion, prompt=prompt, image_ids=list(cache.image_ids),
-        labels=labels, clusters=clusters, scores=scores, per_seed=per_seed,
-        target=[tuple(x) for x in loc.targets],
-        target_labels=target_labels(loc_cache, loc.targets), space=space, keywords=kw,
-        localization=loc, y_true=y, class_names=class_names, answers=answers,
-        timings=timings,
-        settings={"n_clusters": n_clusters, "alpha": alpha, "tau": tau,
-                  "n_samples": n_samples, "seed": seed, "n_seeds": n_seeds,
-                  "epochs": epochs, "head_lr": head_lr, "space": space,
-                  "keyword_source": keyword_source,
-                  # dataset indices of the images Algorithm 1 sampled
-                  "localization_sample": [int(sample[i]) for i in loc.sample]},
-        meta={k: v for k, v in cache.meta.items() if k != "chat_template"},
-    )
+        emb, (_, loc), kw = embedded[c.name], localized[c.name], kws[c.name]
+        y, names = labels_of[c.name]
+        answers = (generate_answers(vlm, images, c.prompt, batch_size, progress)
+                   if baselines and y is not None else None)
+        t_ans = time.perf_counter() - t
+        t = time.perf_counter()
+        vision = None if emb.cache.vision is None else emb.cache.vision.numpy()
+        per_seed, labels = cluster_criterion(
+            emb.X, y, ks[c.name], alpha=alpha, seeds=seeds, epochs=epochs, head_lr=head_lr,
+            baselines=baselines, answers=answers, vision=vision, progress=progress)
+        clusters = name_clusters(emb.vocab, labels, vlm.tokenizer, keywords=kw.words,
+                                 keyword_groups=keyword_token_ids(vlm.tokenizer, kw.words),
+                                 y_true=y, class_names=names)
+        results[c.name] = EsmcResult(
+            model=vlm.name, criterion=c.name, prompt=c.prompt,
+            image_ids=list(emb.cache.image_ids), labels=labels, clusters=clusters,
+            scores=score_table(per_seed) if y is not None else pd.DataFrame(),
+            per_seed=per_seed, target=[tuple(x) for x in loc.targets],
+            target_positions=emb.cells, target_labels=emb.labels, space=space, keywords=kw,
+            localization=loc, y_true=y, class_names=names, answers=answers,
+            timings={"keywords": t_kw / len(criteria), "localize": t_loc / len(criteria),
+                     "capture": t_emb / len(criteria), "answers": t_ans,
+                     "cluster": time.perf_counter() - t},
+            settings={"n_clusters": ks[c.name], "alpha": alpha, "tau": tau,
+                      "n_samples": n_samples, "seed": seed, "n_seeds": n_seeds,
+                      "epochs": epochs, "head_lr": head_lr, "space": space,
+                      "keyword_source": keyword_source,
+                      # dataset indices of the images Algorithm 1 sampled
+                      "localization_sample": [int(sample[i]) for i in loc.sample]},
+            meta={k: v for k, v in emb.cache.meta.items() if k != "chat_template"},
+        )
+    if isinstance(prompt, Mapping):
+        return MultiResult(results)
+    return results[criteria[0].name]

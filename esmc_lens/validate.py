@@ -220,41 +220,28 @@ def check_run(vlm, images, prompt: str, *, criterion: str | None = None,
 
 
 def keyword_notes(tokenizer, keywords: Sequence[str]) -> list[str]:
-    """Keywords the lens cannot score cleanly, one line per kind of problem.
+    """What the keyword rule (:mod:`esmc_lens.lens.keyword_rule`) had to compromise on for
+    ``keywords``, one line per kind: keywords it cannot score (dropped by the pipeline),
+    keywords scored by first pieces (no surface form is one token), and keywords sharing a
+    token (equal scores for it)."""
+    from .lens.keyword_rule import keyword_token_ids, split_scorable
 
-    The lens reads one next token, so a keyword is scored by the first token of
-    ``" " + keyword``: a keyword that is not a single token of the vocabulary is scored by
-    a prefix other words share, and keywords with the same first token get equal scores.
-    A keyword holding characters the vocabulary lacks encodes to the unknown token.
-    """
-    unk = getattr(tokenizer, "unk_token_id", None)
-    split, unknown, first = [], [], {}
-    for kw in keywords:
-        word = str(kw).strip()
-        if not word:
-            continue
-        ids = tokenizer.encode(" " + word, add_special_tokens=False)
-        ids = [t for t in ids if tokenizer.decode([t]).strip()] or ids
-        if not ids:
-            continue
-        if unk is not None and unk in ids:
-            unknown.append(word)
-        bare = tokenizer.encode(word, add_special_tokens=False)
-        if len(ids) > 1 and len(bare) > 1:
-            split.append(f"{word!r} -> {tokenizer.convert_ids_to_tokens(ids)}")
-        first.setdefault(ids[0], []).append(word)
+    ok, bad = split_scorable(tokenizer, [str(k).strip() for k in keywords if str(k).strip()])
     notes = []
-    if unknown:
-        notes.append(f"keywords {unknown} contain characters the model's vocabulary does not "
-                     "have (they encode to the unknown token): spell them differently")
-    if split:
-        notes.append(f"{len(split)} keyword(s) are not single tokens of the vocabulary and are "
-                     f"scored by their first token only: {'; '.join(split[:5])}; prefer "
-                     "single common words")
-    clashes = [ws for ws in first.values() if len(ws) > 1]
-    for ws in clashes:
-        notes.append(f"keywords {ws} start with the same token and get the same lens score: "
-                     "keep one of them")
+    if bad:
+        notes.append(f"keywords {bad} cannot be scored by the lens: no surface form is one "
+                     "token of the vocabulary and no first piece is a >= 3-letter word that "
+                     "is not a common one (or they encode to the unknown token); use other "
+                     "single words")
+    kt = keyword_token_ids(tokenizer, ok)
+    if kt.multi_token:
+        shown = "; ".join(f"{w!r} -> {kt.pieces[w]}" for w in kt.multi_token[:5])
+        notes.append(f"{len(kt.multi_token)} keyword(s) are not single tokens of the "
+                     f"vocabulary and are scored by the first pieces of their split forms: "
+                     f"{shown}; prefer single common words")
+    for ws in dict.fromkeys(tuple(dict.fromkeys(o)) for o in kt.clashes.values()):
+        notes.append(f"keywords {list(ws)} share a scoring token and get the same lens score "
+                     "for it: keep one of them")
     return notes
 
 

@@ -99,3 +99,58 @@ def shard_stats(paths: list[Path]) -> dict[str, tuple[int, int]]:
     """inode and mtime of each shard's tensors: unchanged iff not rewritten."""
     return {p.name: ((p / "tensors.safetensors").stat().st_ino,
                      (p / "tensors.safetensors").stat().st_mtime_ns) for p in paths}
+
+
+def reference_states(vlm, images, prompts):
+    """Hidden states by output_hidden_states and by plain forward hooks, plus logits."""
+    enc = vlm.encode(images, prompts)
+    grabbed: dict[int, torch.Tensor] = {}
+    hooks = [vlm.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: grabbed.__setitem__(0, args[0] if args else
+                                                    kwargs["hidden_states"]),
+        with_kwargs=True)]
+    for i, layer in enumerate(vlm.layers):
+        hooks.append(layer.register_forward_hook(
+            lambda m, a, out, i=i: grabbed.__setitem__(i + 1, out[0] if isinstance(out, tuple)
+                                                       else out)))
+    try:
+        with torch.no_grad():
+            out = vlm.model(**enc, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    offsets = enc["input_ids"].shape[1] - enc["attention_mask"].sum(1)
+    return out, grabbed, offsets.cpu()
+
+
+def check_exact(vlm, cache, ref, logits_tol: float = 1e-5):
+    """States equal hooks and output_hidden_states bit for bit; the last layer's lens equals
+    the logits to ``logits_tol`` (fp32 models: 1e-5; an fp16 model's own logits are fp16)."""
+    from esmc_lens.lens.unembed import Unembed, lens_logits
+
+    out, hooked, offsets = ref
+    L = vlm.n_layers
+    for b in range(len(cache)):
+        valid = cache.positions[b] >= 0
+        seq = offsets[b] + cache.positions[b][valid]
+        for s in range(L + 1):
+            got = cache.states[b, s, : int(valid.sum())]
+            assert torch.equal(got, hooked[s][b, seq].float().cpu()), (b, s)
+            if s < L:  # HF's last hidden state is already final-normed
+                assert torch.equal(got, out.hidden_states[s][b, seq].float().cpu()), (b, s)
+        normed = vlm.final_norm(cache.states[b, L, : int(valid.sum())].to(vlm.dtype))
+        assert torch.equal(normed, out.hidden_states[L][b, seq])
+        lens = lens_logits(cache.states[b, L, : int(valid.sum())], Unembed.from_model(vlm))
+        assert (lens - out.logits[b, seq].float().cpu()).abs().max() <= logits_tol
+
+
+def check_checkpoint_round_trip(src, vlm, prompt: str) -> None:
+    """``vlm``, loaded in fp16 from the directory ``src`` was saved to, is ``src``: weights
+    (fp16-rounded), eval mode, chat template, left padding and formatted prompt."""
+    assert vlm.dtype == torch.float16 and not vlm.model.training
+    assert vlm.processor.chat_template == src.processor.chat_template
+    assert vlm.tokenizer.padding_side == "left"
+    for (name, a), b in zip(src.model.state_dict().items(),
+                            vlm.model.state_dict().values(), strict=True):
+        assert torch.equal(a.half(), b), name
+    assert vlm.format_prompt(prompt) == src.format_prompt(prompt)

@@ -440,16 +440,22 @@ def test_prompt_longer_than_context(tiny_vlm, tmp_path, capsys):
 
 
 def test_keywords_split_or_clashing_are_reported(synth_ds, tiny_vlm):
-    notes = keyword_notes(tiny_vlm.tokenizer, ["red", "redness", "xyzzyq", "green"])
-    assert len(notes) == 2
-    assert "2 keyword(s) are not single tokens" in notes[0]
-    assert "'redness'" in notes[0] and "'xyzzyq'" in notes[0] and "'green'" not in notes[0]
-    assert notes[1].startswith("keywords ['red', 'redness'] start with the same token")
-    assert keyword_notes(tiny_vlm.tokenizer, KEYWORDS) == []
-    with pytest.warns(EsmcWarning, match="not single tokens") as record:
+    tok = tiny_vlm.tokenizer
+    kt_pieces = [tok.decode([i]) for i in tok.encode(" redness", add_special_tokens=False)]
+    notes = keyword_notes(tok, ["red", "redness", "xyzzyq", "green"])
+    assert len(notes) == 3, notes
+    assert notes[0].startswith("keywords ['xyzzyq'] cannot be scored by the lens")
+    assert notes[1].startswith("1 keyword(s) are not single tokens")
+    assert f"'redness' -> ['{kt_pieces[0]}']" in notes[1] and "'green'" not in notes[1]
+    # "redness" is scored by its first piece " red", the whole word "red"
+    assert kt_pieces[0] == " red"
+    assert notes[2] == ("keywords ['red', 'redness'] share a scoring token and get the same "
+                        "lens score for it: keep one of them")
+    assert keyword_notes(tok, KEYWORDS) == []
+    with pytest.warns(EsmcWarning, match=r"\['xyzzyq'\] cannot be scored") as record:
         res = fast_run(tiny_vlm, synth_ds, keywords=["red", "xyzzyq"])
-    assert any("xyzzyq" in str(w.message) for w in record)
-    assert res.keywords.words == ["red", "xyzzyq"] and len(res.labels) == len(synth_ds)
+    assert any("are dropped" in str(w.message) for w in record)
+    assert res.keywords.words == ["red"] and len(res.labels) == len(synth_ds)
 
 
 def test_keywords_not_in_vocabulary_are_reported():
@@ -461,8 +467,9 @@ def test_keywords_not_in_vocabulary_are_reported():
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
     notes = keyword_notes(tok, ["red", "grün", "green"])
-    assert notes == ["keywords ['grün'] contain characters the model's vocabulary does not "
-                     "have (they encode to the unknown token): spell them differently"]
+    assert len(notes) == 1
+    assert notes[0].startswith("keywords ['grün'] cannot be scored by the lens")
+    assert "unknown token" in notes[0]
 
 
 def test_tau_so_high_that_no_cell_votes(synth, synth_ds, tiny_vlm, tmp_path, capsys,
@@ -475,7 +482,8 @@ def test_tau_so_high_that_no_cell_votes(synth, synth_ds, tiny_vlm, tmp_path, cap
     assert res.to_json()["localization"]["message"].startswith("no (image, keyword) pair")
     rc, _, err = cli(capsys, *run_args(synth, tmp_path / "out", "--tau", "0.99"))
     assert rc == 0
-    warns = [ln for ln in err.splitlines() if ln.startswith("esmc-lens: warning: no (image")]
+    warns = [ln for ln in err.splitlines()
+             if ln.startswith("esmc-lens: warning: 'color': no (image")]
     assert len(warns) == 1 and "Lower tau" in warns[0]
 
 

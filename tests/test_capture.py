@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SOLID_COLOURS, solid
+from conftest import (
+    SOLID_COLOURS,
+    check_checkpoint_round_trip,
+    check_exact,
+    reference_states,
+    solid,
+)
 
 from esmc_lens.errors import ConfigError
 from esmc_lens.lens.unembed import Unembed, lens_logits
@@ -23,59 +29,18 @@ def _images(n=3, size=(40, 50)):
     return [solid(cols[i % len(cols)], size) for i in range(n)]
 
 
-def _reference(vlm, images, prompts):
-    """Hidden states by output_hidden_states and by plain forward hooks, plus logits."""
-    enc = vlm.encode(images, prompts)
-    grabbed: dict[int, torch.Tensor] = {}
-    hooks = [vlm.layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: grabbed.__setitem__(0, args[0] if args else
-                                                    kwargs["hidden_states"]),
-        with_kwargs=True)]
-    for i, layer in enumerate(vlm.layers):
-        hooks.append(layer.register_forward_hook(
-            lambda m, a, out, i=i: grabbed.__setitem__(i + 1, out[0] if isinstance(out, tuple)
-                                                       else out)))
-    try:
-        with torch.no_grad():
-            out = vlm.model(**enc, output_hidden_states=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    offsets = enc["input_ids"].shape[1] - enc["attention_mask"].sum(1)
-    return out, grabbed, offsets.cpu()
-
-
 @pytest.fixture(scope="module")
 def tiny_case(tiny_vlm):
     images = _images()
     cache = capture(tiny_vlm, images, PROMPTS, store_dtype=torch.float32, progress=False,
                     batch_size=3)
-    return images, cache, _reference(tiny_vlm, images, PROMPTS)
-
-
-def _check_exact(vlm, cache, ref, logits_tol: float = 1e-5):
-    """States equal hooks and output_hidden_states bit for bit; the last layer's lens equals
-    the logits to ``logits_tol`` (fp32 models: 1e-5; an fp16 model's own logits are fp16)."""
-    out, hooked, offsets = ref
-    L = vlm.n_layers
-    for b in range(len(cache)):
-        valid = cache.positions[b] >= 0
-        seq = offsets[b] + cache.positions[b][valid]
-        for s in range(L + 1):
-            got = cache.states[b, s, : int(valid.sum())]
-            assert torch.equal(got, hooked[s][b, seq].float().cpu()), (b, s)
-            if s < L:  # HF's last hidden state is already final-normed
-                assert torch.equal(got, out.hidden_states[s][b, seq].float().cpu()), (b, s)
-        normed = vlm.final_norm(cache.states[b, L, : int(valid.sum())].to(vlm.dtype))
-        assert torch.equal(normed, out.hidden_states[L][b, seq])
-        lens = lens_logits(cache.states[b, L, : int(valid.sum())], Unembed.from_model(vlm))
-        assert (lens - out.logits[b, seq].float().cpu()).abs().max() <= logits_tol
+    return images, cache, reference_states(tiny_vlm, images, PROMPTS)
 
 
 def test_tiny_capture_equals_hooks_and_hidden_states(tiny_vlm, tiny_case):
     _, cache, ref = tiny_case
     assert cache.states.shape[:2] == (3, tiny_vlm.n_layers + 1)
-    _check_exact(tiny_vlm, cache, ref)
+    check_exact(tiny_vlm, cache, ref)
 
 
 def test_llava_checkpoint_dir_in_fp16(tiny_vlm, tmp_path):
@@ -90,18 +55,12 @@ def test_llava_checkpoint_dir_in_fp16(tiny_vlm, tmp_path):
     src.processor.save_pretrained(tmp_path)
     vlm = load_model(str(tmp_path), dtype="float16")
     assert type(vlm.model) is LlavaForConditionalGeneration and vlm.prompt_style == "chat"
-    assert vlm.dtype == torch.float16 and not vlm.model.training
-    assert vlm.processor.chat_template == tiny_vlm.processor.chat_template
-    assert vlm.tokenizer.padding_side == "left"
-    for (name, a), b in zip(src.model.state_dict().items(),
-                            vlm.model.state_dict().values(), strict=True):
-        assert torch.equal(a.half(), b), name
-    assert vlm.format_prompt(PROMPTS[0]) == tiny_vlm.format_prompt(PROMPTS[0])
+    check_checkpoint_round_trip(src, vlm, PROMPTS[0])
     images = _images()
     cache = capture(vlm, images, PROMPTS, store_dtype=torch.float32, progress=False,
                     batch_size=3, keywords=["red"], top_k=2)
     # the model's fp16 logits (|x| < 1 here) are within a few fp16 ulps of the fp32 lens
-    _check_exact(vlm, cache, _reference(vlm, images, PROMPTS), logits_tol=1e-3)
+    check_exact(vlm, cache, reference_states(vlm, images, PROMPTS), logits_tol=1e-3)
     assert cache.keyword_probs.dtype == torch.float32
     assert torch.equal(cache.positions, capture(tiny_vlm, images, PROMPTS, progress=False,
                                                 batch_size=3).positions)
@@ -220,6 +179,6 @@ def test_offline_capture_equals_hooks_and_hidden_states(offline_vlm):
     images = _images(3, (224, 224))
     prompts = ["The color of the image is", "Describe it.", "The shape of the object is"]
     cache = capture(offline_vlm, images, prompts, store_dtype=torch.float32, progress=False)
-    _check_exact(offline_vlm, cache, _reference(offline_vlm, images, prompts))
+    check_exact(offline_vlm, cache, reference_states(offline_vlm, images, prompts))
     start, stop = cache.image_span[0].tolist()
     assert stop - start == 105  # 7 foreground + 49 colour + 49 object tokens

@@ -97,20 +97,17 @@ def test_keyword_rule(tiny_vlm):
     kt = keyword_token_ids(tok, ["red", "Blue"])
     assert kt.keywords == ["red", "Blue"]
     for word, ids in zip(["red", "blue"], kt.groups, strict=True):
-        expected = []
+        whole = []
         for v in (" " + word, word, " " + word.capitalize(), word.capitalize()):
             toks = [t for t in tok.encode(v, add_special_tokens=False)
                     if tok.decode([t]).strip()]  # bare spaces skipped
-            # a whole-variant token, or a first piece of >= 3 characters
-            if (len(toks) == 1 or len(tok.decode([toks[0]]).strip()) >= 3) and (
-                    toks[0] not in expected):
-                expected.append(toks[0])
-        assert sorted(ids) == sorted(expected)
+            if len(toks) == 1 and toks[0] not in whole:  # whole-word forms only
+                whole.append(toks[0])
+        assert whole and ids == whole
     assert tok.decode([kt.groups[0][0]]) == " red"
     assert kt.multi_token == []  # " red" and " blue" are single tokens
-    # a word the tiny BPE splits is scored by its first token and reported
-    split = keyword_token_ids(tok, ["hyacinthus"])
-    assert split.multi_token == ["hyacinthus"]
+    assert kt.pieces == {"red": [tok.decode([i]) for i in kt.groups[0]],
+                         "Blue": [tok.decode([i]) for i in kt.groups[1]]}
     with pytest.raises(ConfigError, match="empty"):
         keyword_token_ids(tok, [""])
 
@@ -128,6 +125,12 @@ PIECE_SPLITS = {  # variant -> its tokens
     " Hyacinth": [" Hy", "acinth"], "Hyacinth": ["Hy", "acinth"],
     " daisy": [" d", "aisy"], "daisy": ["da", "aisy"], " Daisy": [" Daisy"],
     "Daisy": ["D", "aisy"],
+    " sunflower": [" sunflower"], "sunflower": ["sun", "flower"],
+    " Sunflower": [" Sun", "flower"], "Sunflower": ["Sun", "flower"],
+    " theater": [" the", "ater"], "theater": ["the", "ater"], " Theater": [" The", "ater"],
+    "Theater": ["The", "ater"],
+    " tulip": [" tul", "ip"], "tulip": ["t", "ul", "ip"], " Tulip": [" Tul", "ip"],
+    "Tulip": ["T", "ul", "ip"],
 }
 
 
@@ -135,7 +138,11 @@ class PieceTokenizer:
     """A hand-made vocabulary: whole words, long and short first pieces of split words."""
 
     VOCAB = (" lily", " Lily", "l", "ily", " carn", "c", " C", "C", "arnation", "ation",
-             " hy", "hy", " Hy", "Hy", "acinth", " Daisy", " d", "aisy", "D", "da")
+             " hy", "hy", " Hy", "Hy", "acinth", " Daisy", " d", "aisy", "D", "da",
+             " sunflower", "sun", " Sun", "Sun", "flower", " the", "the", " The", "The",
+             "ater", " tul", "t", "ul", "ip", " Tul", "T")
+    unk_token_id = None
+
     def encode(self, text, add_special_tokens=False):
         return [self.VOCAB.index(t) for t in PIECE_SPLITS[text]]
 
@@ -143,16 +150,25 @@ class PieceTokenizer:
         return "".join(self.VOCAB[i] for i in ids)
 
 
-def test_keyword_rule_drops_short_first_pieces():
+def test_keyword_rule_whole_words_first_then_long_uncommon_pieces():
     tok = PieceTokenizer()
-    kt = keyword_token_ids(tok, ["lily", "carnation", "daisy", "hyacinth"])
-    words = [sorted(tok.decode([i]) for i in g) for g in kt.groups]
-    assert words[0] == [" Lily", " lily"]  # whole words; the piece "l" is dropped
-    assert words[1] == [" carn"]  # split everywhere: only its piece of >= 3 characters
-    assert words[2] == [" Daisy"]  # " d", "da", "D" would score most words
-    assert words[3] == [" Hy", " hy", "Hy", "hy"]  # no long piece: its longest ones
-    assert kt.multi_token == ["carnation", "hyacinth"]
+    kt = keyword_token_ids(tok, ["lily", "carnation", "daisy", "sunflower", "tulip"])
+    assert kt.pieces == {
+        "lily": [" lily", " Lily"],  # whole words; the piece "l" is not used
+        "carnation": [" carn"],  # split everywhere: only its piece of >= 3 letters
+        "daisy": [" Daisy"],  # " d", "da", "D" would score most words
+        "sunflower": [" sunflower"],  # a whole word exists: "sun", " Sun" are not used
+        "tulip": [" tul", " Tul"],
+    }
+    assert kt.multi_token == ["carnation", "tulip"]
     assert kt.clashes == {}
+    # no whole word and no long piece, or only common-word pieces (" the"): not scorable
+    from esmc_lens.lens.keyword_rule import split_scorable
+
+    assert split_scorable(tok, ["lily", "hyacinth", "theater"]) == (["lily"],
+                                                                     ["hyacinth", "theater"])
+    with pytest.raises(ConfigError, match=r"\['hyacinth', 'theater'\] cannot be scored"):
+        keyword_token_ids(tok, ["lily", "hyacinth", "theater"])
 
 
 @pytest.mark.parametrize("width", [49152, 32064, 1000, 130, 7])

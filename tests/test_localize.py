@@ -119,12 +119,52 @@ def test_localize_no_vote_falls_back_with_message() -> None:
     assert not loc.found and loc.max_votes == 0
     assert loc.targets == [(1, 0)]
     assert loc.primary == (1, 0)
+    assert loc.max_prob == pytest.approx(0.15)
     msg = loc.message
     assert "no (image, keyword) pair" in msg and "tau=0.2" in msg
-    assert "E_1(10:t0) 0.150" in msg and "E_0(12:t2) 0.120" in msg and "E_1(12:t2) 0.080" in msg
+    # the fallback region is the later half of the layers (stream 1 of 0..1): stream 0's
+    # 0.12 is not a candidate
+    assert "E_1(10:t0) 0.150, E_1(12:t2) 0.080, E_1(11:t1) 0.010" in msg
+    assert "E_0(" not in msg.split("Top cells there")[1]
     assert "Lower tau (below 0.150)" in msg
-    assert msg.count(" 0.") >= 5  # top 5 cells named with their probabilities
     assert msg in loc.summary()
+    assert loc.evidence == "no votes: max keyword p 0.150 <= tau 0.2 (fallback target)"
+
+
+def test_fallback_stays_on_the_criterion_tokens_in_later_layers() -> None:
+    # A chat-template token in an early layer holds the highest probability; the fallback
+    # must still pick the criterion sentence's token in the later layers.
+    tokens = ["ĠThe", "Ġcolor", "Ġis", "ĠASS", "ISTANT", ":"]
+    kp = torch.full((2, 4, 6, 1), 0.01)
+    kp[:, 1, 4, 0] = 0.19  # layer 1, 'ISTANT': the global maximum, outside the region
+    kp[0, 3, 3, 0] = 0.18  # layer 3, 'ASS': later layer, but not the criterion's token
+    kp[1, 2, 1, 0] = 0.05  # layer 2, 'color': the best criterion cell in layers >= 2
+    cache = fake_cache(kp, tokens=tokens)
+    cache.prompts = ["The color is"] * 2
+    loc = localize(cache, tau=0.2)
+    assert loc.targets == [(2, 1)]
+    assert loc.max_prob == pytest.approx(0.19)
+    assert "layers >= 2" in loc.message
+    from esmc_lens.localization.votes import criterion_slots
+
+    assert criterion_slots(cache) == [0, 1, 2]
+    cache.prompts = ["Something else"] * 2  # prompt not among the tokens: every slot
+    assert localize(cache, tau=0.2).targets == [(3, 3)]
+
+
+def test_ties_are_capped_to_the_strongest_cells() -> None:
+    kp = torch.zeros(1, 3, 4, 1)
+    kp[0, :, :, 0] = torch.tensor([[0.3, 0.9, 0.4, 0.0],
+                                   [0.5, 0.0, 0.0, 0.6],
+                                   [0.0, 0.0, 0.7, 0.0]])  # 6 cells tie with 1 vote
+    loc = localize(fake_cache(kp), tau=0.2, max_targets=3)
+    assert loc.n_tied == 6 and loc.max_votes == 1
+    assert loc.targets == [(0, 1), (1, 3), (2, 2)]  # 0.9, 0.6, 0.7; by layer, then slot
+    assert loc.message.startswith("6 cells tie with 1 votes; kept the 3")
+    assert "dropped E_0(10:t0), E_0(12:t2), E_1(10:t0)" in loc.message
+    uncapped = localize(fake_cache(kp), tau=0.2, max_targets=10)
+    assert uncapped.targets == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 3), (2, 2)]
+    assert uncapped.message == ""
 
 
 def test_sampling_is_seeded_and_explicit_sample_overrides() -> None:

@@ -8,7 +8,7 @@ import pytest
 from esmc_lens.cluster.metrics import nmi
 from esmc_lens.data.dataset import load_dataset
 from esmc_lens.data.synthetic import SYNTHETIC_PROMPTS, make_synthetic_dataset
-from esmc_lens.localization.keywords import class_name_keywords, question_for_prompt
+from esmc_lens.localization.keywords import question_for_prompt
 from esmc_lens.pipeline import run_esmc
 from esmc_lens.report.result import EsmcResult
 
@@ -43,9 +43,10 @@ def test_question_for_prompt():
 ])
 def test_offline_recovers_planted_structure(offline_vlm, synth, criterion, tmp_path):
     prompt = SYNTHETIC_PROMPTS[criterion]
+    # the default, label-free keywords: the offline model's own language model's answer
     res = run_esmc(offline_vlm, synth, prompt, criterion=criterion,
-                   keywords=class_name_keywords(synth, criterion), keyword_source="user",
                    n_seeds=1, n_samples=8, baselines=False, progress=False)
+    assert set(res.keywords.sources) == {"lm"}
     y = synth.y(criterion)
     threshold = chance_nmi(y, 4)
     esmc = res.scores.loc["ESMC", "nmi_mean"]

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import ConfigError, EsmcError, EsmcWarning
+from ..localization.keywords import CLASS_NAMES, KEYWORD_SOURCES
 from ..validate import dataset_notes
 
 
@@ -69,23 +70,55 @@ def cmd_lens(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """The whole pipeline on one criterion of an ESMC-layout dataset."""
+def _criteria(args: argparse.Namespace) -> dict[str, str]:
+    """``--criterion NAME --prompt TEXT`` pairs (repeatable, in order) as name -> prompt."""
+    names, prompts = args.criterion or [], args.prompt or []
+    if len(names) != len(prompts) or not names:
+        raise ConfigError(f"give one --prompt per --criterion (got {len(names)} criteria and "
+                          f"{len(prompts)} prompts), e.g. --criterion color --prompt 'The "
+                          "color of the flower is' --criterion species --prompt 'The species "
+                          "of the flower is'")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--criterion names repeat: {names}")
+    return dict(zip(names, prompts, strict=True))
+
+
+def _print_result(res) -> None:
     from ..cluster.baselines import format_mean_std
+
+    loc = res.localization
+    print(f"{res.model}: {res.criterion} ({res.n_images} images), target "
+          f"{', '.join(res.target_labels)} in {res.space} space; {loc.evidence}")
+    print(f"  {res.note}: {', '.join(res.keywords.words)}")
+    if not res.scores.empty:
+        print(format_mean_std(res.scores, ("nmi", "ri", "ari", "acc")).to_string())
+    print(res.clusters[["cluster", "size", "name"]].to_string(index=False))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole pipeline on one or several criteria of an ESMC-layout dataset."""
     from ..data.dataset import load_dataset
     from ..models.vlm import load_model
     from ..pipeline import run_esmc
 
+    criteria = _criteria(args)
     ds = load_dataset(args.data, verify=True)
-    if args.criterion not in ds.criteria:
-        raise ConfigError(f"--criterion {args.criterion!r} is not a folder of {args.data}; "
-                          f"its criteria are {ds.criteria}")
-    _check_run_args(args, ds)  # everything that can fail before the model is loaded
-    for note in dataset_notes(ds, args.criterion, skipped_csv=f"{args.out}/skipped.csv"):
-        print(f"esmc-lens: note: {note}", file=sys.stderr)
+    missing = [c for c in criteria if c not in ds.criteria]
+    if missing:
+        raise ConfigError(f"--criterion {missing} not folders of {args.data}; its criteria are "
+                          f"{ds.criteria}")
+    _check_run_args(args, ds, criteria)  # everything that can fail before the model loads
+    for c in criteria:
+        for note in dataset_notes(ds, c, skipped_csv=f"{args.out}/skipped.csv"):
+            print(f"esmc-lens: note: {note}", file=sys.stderr)
     vlm = load_model(args.model, device=args.device, dtype=args.dtype)
-    keywords = args.keywords.split(",") if args.keywords else None
-    res = run_esmc(vlm, ds, args.prompt, criterion=args.criterion, n_clusters=args.k,
+    keywords = args.keywords
+    if keywords is not None and keywords.strip().lower() != CLASS_NAMES:
+        keywords = [w for w in keywords.split(",") if w.strip()]
+    one = len(criteria) == 1
+    name = next(iter(criteria))
+    res = run_esmc(vlm, ds, criteria[name] if one else criteria,
+                   criterion=name if one else None, n_clusters=args.k,
                    keywords=keywords, keyword_source=args.keyword_source, alpha=args.alpha,
                    tau=args.tau, n_samples=args.n_samples, space=args.space, seed=args.seed,
                    n_seeds=args.n_seeds, baselines=not args.no_baselines,
@@ -93,12 +126,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                    cache_dir=args.cache_dir)
     out = res.save(args.out)
     ds.skipped.to_csv(out / "skipped.csv", index=False)
-    print(f"{res.model}: {args.criterion} ({res.n_images} images), target "
-          f"{', '.join(res.target_labels)} in {res.space} space")
-    if not res.scores.empty:
-        print(format_mean_std(res.scores, ("nmi", "ri", "ari", "acc")).to_string())
-    print(res.clusters[["cluster", "size", "name"]].to_string(index=False))
-    print(f"wrote {out}/results.json and {out}/assignments.csv")
+    for r in ([res] if one else res.results.values()):
+        _print_result(r)
+    if not one:
+        print("NMI between the criteria's clusterings and labels:")
+        print(res.cross_criterion().round(4).to_string())
+    print(f"wrote {out}/results.json")
     return 0
 
 
@@ -109,10 +142,11 @@ def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
 
     lines = ["| criterion | method | NMI (ours) | RI (ours) | NMI (paper) | RI (paper) |",
              "|---|---|---|---|---|---|"]
-    models = set()
-    for d in run_dirs:
+    notes = []
+    for d in _run_folders(run_dirs):
         r = EsmcResult.load_json(d)
-        models.add(r["model"])
+        notes.append(f"{r['criterion']}: {r.get('note') or 'model ' + r['model']}; target "
+                     f"{', '.join(r['target_labels'])}, {r['localization'].get('evidence', '')}")
         paper = paper_scores(dataset, r["criterion"]) if dataset else None
         blocks = {"ESMC": r["scores"], **r["baselines"]}
         for method, sc in blocks.items():
@@ -121,9 +155,19 @@ def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
                 f"| {r['criterion']} | {method} | {sc['nmi']:.4f} ± {sc['nmi_std']:.4f} | "
                 f"{sc['ri']:.4f} ± {sc['ri_std']:.4f} | "
                 f"{'' if p is None else f'{p.nmi:.4f}'} | {'' if p is None else f'{p.ri:.4f}'} |")
-    lines.append(f"\nOurs: model {', '.join(sorted(models))}, mean ± std over seeds. "
+    lines.append("\nOurs: mean ± std over seeds; " + " | ".join(notes) + ". "
                  f"Paper: {PAPER_MODEL} (the paper's numbers), Table 3.")
     return "\n".join(lines)
+
+
+def _run_folders(run_dirs: list[str]) -> list[Path]:
+    """Each single-criterion run folder; a multi-criterion folder stands for its criteria."""
+    out = []
+    for d in map(Path, run_dirs):
+        doc = json.loads((d / "results.json").read_text()) if (d / "results.json").exists() \
+            else {}
+        out.extend(d / c for c in doc["criteria"]) if "criteria" in doc else out.append(d)
+    return out
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
@@ -159,13 +203,14 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_run_args(args: argparse.Namespace, ds) -> None:
+def _check_run_args(args: argparse.Namespace, ds, criteria: dict[str, str]) -> None:
     from ..residual.store import CACHE_DIR_FIX
     from ..validate import check_output_dir, check_run, check_writable_dir
 
-    check_run(None, ds, args.prompt, criterion=args.criterion, n_images=len(ds),
-              n_clusters=args.k, alpha=args.alpha, tau=args.tau, n_samples=args.n_samples,
-              batch_size=args.batch_size, n_seeds=args.n_seeds)
+    for name, prompt in criteria.items():
+        check_run(None, ds, prompt, criterion=name, n_images=len(ds),
+                  n_clusters=args.k, alpha=args.alpha, tau=args.tau, n_samples=args.n_samples,
+                  batch_size=args.batch_size, n_seeds=args.n_seeds)
     check_output_dir(args.out)
     if args.cache_dir is not None:
         check_writable_dir(args.cache_dir, "capture cache directory (--cache-dir)", CACHE_DIR_FIX)
@@ -243,15 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_lens)
 
-    p = sub.add_parser("run", help="ESMC on one criterion of an ESMC-layout dataset")
+    p = sub.add_parser("run", help="ESMC on one or several criteria of an ESMC-layout "
+                                   "dataset (the same images, one clustering per criterion)")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="dataset root: <root>/<criterion>/<class>/")
-    p.add_argument("--criterion", required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--criterion", action="append", required=True,
+                   help="a criterion folder of the dataset; repeat it with one --prompt each "
+                        "for several criteria in one run")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="the criterion's prompt, e.g. 'The color of the flower is'")
     p.add_argument("--k", type=int, default=None, help="clusters (default: number of classes)")
-    p.add_argument("--keywords", default=None, help="comma-separated keywords")
-    p.add_argument("--keyword-source", default="auto",
-                   choices=["auto", "user", "lm", "class_names"])
+    p.add_argument("--keywords", default=None,
+                   help="comma-separated keywords (default: the model's own language model "
+                        f"answers 'What are common <criterion>s of <object>s?'); "
+                        f"'{CLASS_NAMES}' localizes with the dataset's class names "
+                        "(supervised: every output says so)")
+    p.add_argument("--keyword-source", default="auto", choices=list(KEYWORD_SOURCES),
+                   help="auto (default): --keywords if given, else the language model's; "
+                        "class_names: supervised")
     p.add_argument("--alpha", type=float, default=0.3, help="pseudo-label ratio in (0, 1]")
     p.add_argument("--tau", type=float, default=0.2, help="vote threshold")
     p.add_argument("--n-samples", type=int, default=10, help="images sampled to localize")

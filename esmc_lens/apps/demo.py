@@ -14,11 +14,10 @@ import pandas as pd
 from ..cluster.baselines import format_mean_std
 from ..data.dataset import load_dataset
 from ..data.synthetic import SYNTHETIC_PROMPTS, make_synthetic_dataset
-from ..localization.keywords import class_name_keywords
 from ..models.vlm import load_model
 from ..pipeline import run_esmc
 from ..report.plotting import figure_style, lens_heatmap, save_figure
-from ..report.result import EsmcResult
+from ..report.result import EsmcResult, MultiResult
 
 
 def vote_figure(result: EsmcResult, title: str):
@@ -60,32 +59,36 @@ def scores_figure(tables: dict[str, pd.DataFrame], model: str):
 
 def run_demo(model: str = "offline", out: Path = Path("outputs/demo"),
              figures: Path = Path("figures"), n_images: int = 96, device=None, dtype=None,
-             n_seeds: int = 10) -> dict[str, EsmcResult]:
+             n_seeds: int = 10) -> MultiResult:
+    """Every criterion of the synthetic dataset in one :func:`~esmc_lens.pipeline.run_esmc`
+    call, with the keywords the model's own language model gives (label-free)."""
     import matplotlib.pyplot as plt
 
     data = make_synthetic_dataset(out / "data", n_images=n_images, seed=0)
     ds = load_dataset(data)
     vlm = load_model(model, device=device, dtype=dtype)
-    print(f"model: {vlm.name} ({'offline model, not LLaVA-1.5' if model == 'offline' else ''})")
-    results, tables = {}, {}
-    for crit in ds.criteria:
-        prompt = SYNTHETIC_PROMPTS[crit]
-        res = run_esmc(vlm, ds, prompt, criterion=crit,
-                       keywords=class_name_keywords(ds, crit), keyword_source="user",
-                       alpha=0.3, n_seeds=n_seeds)
-        res.save(out / crit)
-        results[crit], tables[crit] = res, res.scores
-        fig = vote_figure(res, f"{crit}: '{prompt}' ({vlm.name})")
+    label = "the offline model, not LLaVA-1.5" if model == "offline" else vlm.name
+    print(f"model: {vlm.name} ({label}); keywords: the model's own language model's answers "
+          "(label-free)")
+    res = run_esmc(vlm, ds, {c: SYNTHETIC_PROMPTS[c] for c in ds.criteria}, alpha=0.3,
+                   n_seeds=n_seeds)
+    res.save(out)
+    for crit, r in res.results.items():
+        sup = " (supervised localization)" if r.supervised else ""
+        fig = vote_figure(r, f"{crit}: '{r.prompt}' ({vlm.name}){sup}")
         save_figure(fig, f"demo_votes_{crit}", figures)
         plt.close(fig)
-        print(f"\n== {crit}: {prompt!r}  target {', '.join(res.target_labels)}  "
-              f"({res.space} space)")
-        print(format_mean_std(res.scores, ("nmi", "ri", "ari", "acc")).to_string())
-        print(res.clusters[["cluster", "size", "name", "majority_label", "purity"]]
+        print(f"\n== {crit}: {r.prompt!r}  target {', '.join(r.target_labels)} "
+              f"({r.space} space; {r.localization.evidence})")
+        print(f"keywords ({r.keyword_source}): {', '.join(r.keywords.words)}")
+        print(format_mean_std(r.scores, ("nmi", "ri", "ari", "acc")).to_string())
+        print(r.clusters[["cluster", "size", "name", "majority_label", "purity"]]
               .to_string(index=False))
-    fig = scores_figure(tables, vlm.name)
+    print("\nNMI between the criteria's clusterings and their labels:")
+    print(res.cross_criterion().round(3).to_string())
+    fig = scores_figure({c: r.scores for c, r in res.results.items()}, vlm.name)
     paths = save_figure(fig, "demo_scores", figures)
     plt.close(fig)
     print(f"\nresults in {out}/, figures {', '.join(str(p) for p in paths)} and "
           f"{figures}/demo_votes_*.pdf|png")
-    return results
+    return res

@@ -50,6 +50,7 @@ from ..localization.keywords import (
 from ..localization.targets import target_embeddings
 from ..localization.votes import Localization, localize
 from ..models.vlm import VLM, load_model
+from ..pipeline import target_tail_positions
 from ..report.naming import clean_token, name_clusters
 from ..report.paper_numbers import PAPER_MODEL, paper_row, paper_table
 from ..residual.cache import ResidualCache
@@ -1032,13 +1033,12 @@ def cost_table(bench: Workbench, criteria: Sequence[str] | None = None,
         t = time.perf_counter()
         loc = localize(loc_cache, n_samples=n_s)
         t_vote = time.perf_counter() - t
-        seq = sorted({int(loc_cache.positions[0, q]) for _, q in loc.targets})
+        seq, targets = target_tail_positions(loc_cache, loc.targets)
         t = time.perf_counter()
         tc = capture(bench.vlm, images, prompt, positions=seq,
                      layers=sorted({s for s, _ in loc.targets}), progress=False,
                      batch_size=bench.settings.batch_size, store_dtype=torch.float32)
         t_target = time.perf_counter() - t
-        targets = [(s, seq.index(int(loc_cache.positions[0, q]))) for s, q in loc.targets]
         X = target_embeddings(tc, targets, space="probs", unembed=bench.unembed)
         t = time.perf_counter()
         head_labels(X, bench.n_clusters(crit), bench.settings.alpha, bench.seed, epochs)

@@ -272,7 +272,7 @@ def head_scores(
     seeds = _as_seeds(seeds)
     rows, labels = [], []
     span = None
-    for seed in _over_seeds(seeds, progress):
+    for seed in _over_seeds(seeds, "ESMC head (seeds)" if progress is True else progress):
         t0 = time.perf_counter()
         head = PseudoLabelHead(n_clusters=k, alpha=alpha, random_state=seed, **head_kwargs)
         pred = head.fit(X, span=span).labels_

@@ -1,35 +1,49 @@
-"""Which vocabulary tokens score a criterion keyword in the logit lens.
+"""Which vocabulary tokens score a criterion keyword in the logit lens: the one keyword rule.
 
-A keyword's lens probability is the sum of the probabilities of the tokens that start its
-surface variants: with and without a leading space, lower-case and capitalised
-(``" red"``, ``"red"``, ``" Red"``, ``"Red"``), each distinct token id counted once; a
-variant that the tokenizer starts with a bare space token (``"▁"`` + ``"red"``) is scored by
-its first non-blank token. The lens predicts one next token, so a variant that splits into
-several tokens can only be scored by its first piece, and a short piece says little: with
-SmolLM2, ``"carnation"`` starts with ``" C"`` and ``"daisy"`` with ``"D"``, tokens that
-begin thousands of words. So a variant's first piece counts only if it is a whole variant
-(one token) or at least ``MIN_PIECE_CHARS`` (3) characters long; a keyword with no such
-token is scored by its longest first pieces. :func:`keyword_token_ids` reports keywords
-none of whose variants is a single token in ``multi_token``; two keywords sharing a token
-get the same score, which is reported as a clash.
+The lens at a cell is a distribution over the *next token*, so a keyword is scored by the
+tokens that can begin it. The rule, applied to each keyword ``w``:
+
+1. Its *surface forms* are ``w`` as given, lower-cased and capitalised, each with and
+   without a leading space (``" red"``, ``"red"``, ``" Red"``, ``"Red"``); a bare
+   leading-space token (SentencePiece's ``"▁"`` before ``"red"``) is skipped.
+2. If any surface form is **one token** (a whole word of the vocabulary), the keyword's
+   probability is the sum of the probabilities of those whole-word tokens, each distinct
+   id counted once, and nothing else: ``"sunflower"`` is never scored by ``" sun"`` when
+   ``" sunflower"`` exists.
+3. Only when **no** surface form is one token is the keyword scored by the first pieces of
+   its split forms, and only by pieces of at least ``MIN_PIECE_CHARS`` (3) letters that are
+   not common words (scikit-learn's ``ENGLISH_STOP_WORDS``): ``" the"`` (of "theater"),
+   ``" be"`` (of "beige") or ``" C"`` (of "carnation") begin thousands of words and say
+   nothing about the keyword. Such keywords are listed in ``multi_token``.
+4. A keyword with no such token, or that encodes to the unknown token, cannot be scored:
+   :func:`keyword_token_ids` raises ``ConfigError`` naming it, and :func:`split_scorable`
+   separates such words from a list beforehand.
+
+Two keywords that share a token get the same score for it: reported in ``clashes``.
+:func:`esmc_lens.validate.keyword_notes` turns a :class:`KeywordTokens` into the warnings
+a run prints; it applies this rule, not a second one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from ..errors import ConfigError
 
 
 @dataclass
 class KeywordTokens:
-    """Token ids that score each keyword, and what the rule had to compromise on."""
+    """Token ids that score each keyword (see the module docstring), and what the rule had
+    to compromise on."""
 
     keywords: list[str]
     groups: list[list[int]]  # ids summed for keyword j
-    multi_token: list[str]  # keywords scored by the first of several tokens
-    clashes: dict[int, list[str]]  # first-token id shared by several keywords
+    multi_token: list[str]  # keywords no surface form of which is one token (rule 3)
+    clashes: dict[int, list[str]]  # token id shared by several keywords
+    pieces: dict[str, list[str]] = field(default_factory=dict)  # keyword -> scoring tokens
 
 
 MIN_PIECE_CHARS = 3  # shortest first piece of a split keyword that scores it
@@ -41,39 +55,63 @@ def _variants(keyword: str) -> list[str]:
     return [p + f for f in forms for p in (" ", "")]
 
 
+def _is_common(piece: str) -> bool:
+    return piece.lower() in ENGLISH_STOP_WORDS
+
+
+def _scoring_ids(tokenizer, keyword: str) -> tuple[list[int], bool]:
+    """(ids that score ``keyword``, whether they are whole-word tokens): rules 1-3."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    whole: list[int] = []
+    pieces: list[int] = []
+    for v in _variants(keyword):
+        toks = tokenizer.encode(v, add_special_tokens=False)
+        words = [t for t in toks if tokenizer.decode([t]).strip()]
+        if not words or (unk is not None and unk in words):
+            continue
+        if len(words) == 1:
+            if words[0] not in whole:
+                whole.append(words[0])
+            continue
+        piece = tokenizer.decode([words[0]]).strip()
+        if (len(piece) >= MIN_PIECE_CHARS and piece.isalpha() and not _is_common(piece)
+                and words[0] not in pieces):
+            pieces.append(words[0])
+    return (whole, True) if whole else (pieces, False)
+
+
+def split_scorable(tokenizer, keywords: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(scorable, unscorable)`` keywords under the rule, in their given order."""
+    ok, bad = [], []
+    for kw in keywords:
+        (ok if isinstance(kw, str) and kw.strip() and _scoring_ids(tokenizer, kw)[0]
+         else bad).append(kw)
+    return ok, bad
+
+
 def keyword_token_ids(tokenizer, keywords: Sequence[str]) -> KeywordTokens:
-    """Apply the documented keyword rule (module docstring) to ``keywords``."""
-    groups, multi, owners = [], [], {}
-    cleaned = []
+    """Apply the keyword rule (module docstring) to ``keywords``."""
+    groups, multi, owners, shown = [], [], {}, {}
+    cleaned, unscorable = [], []
     for kw in keywords:
         if not isinstance(kw, str) or not kw.strip():
             raise ConfigError(f"keyword {kw!r} is empty: give words such as 'red', 'white'")
-        ids, pieces, single = [], {}, False
-        for v in _variants(kw):
-            toks = tokenizer.encode(v, add_special_tokens=False)
-            # SentencePiece encodes " red" as ["▁", "red"] for some words: skip bare spaces.
-            words = [t for t in toks if tokenizer.decode([t]).strip()]
-            first = words[0] if words else (toks[0] if toks else None)
-            if first is None:
-                continue
-            if len(words) <= 1:  # the whole variant is one token
-                single = True
-                if first not in ids:
-                    ids.append(first)
-            else:
-                pieces.setdefault(first, len(tokenizer.decode([first]).strip()))
-        # first pieces of split variants: only long ones (see "Keyword rule"), or, when
-        # nothing else scores the keyword, its longest ones
-        longest = max(pieces.values(), default=0)
-        floor = MIN_PIECE_CHARS if ids or longest >= MIN_PIECE_CHARS else longest
-        ids += [t for t, n in pieces.items() if n >= floor and t not in ids]
-        if not single:  # no surface form is one token: scored by first pieces
-            multi.append(kw.strip())
+        ids, whole = _scoring_ids(tokenizer, kw)
         if not ids:
-            raise ConfigError(f"keyword {kw!r} encodes to no token in this tokenizer")
+            unscorable.append(kw.strip())
+            continue
+        if not whole:
+            multi.append(kw.strip())
         for t in ids:
             owners.setdefault(t, []).append(kw.strip())
         groups.append(ids)
         cleaned.append(kw.strip())
+        shown[kw.strip()] = [tokenizer.decode([i]) for i in ids]
+    if unscorable:
+        raise ConfigError(
+            f"keywords {unscorable} cannot be scored by the lens: no surface form is one "
+            f"token of the vocabulary and no first piece is a >= {MIN_PIECE_CHARS}-letter "
+            "non-common word (see esmc_lens.lens.keyword_rule); drop them or use other "
+            "single words")
     clashes = {t: o for t, o in owners.items() if len(set(o)) > 1}
-    return KeywordTokens(cleaned, groups, multi, clashes)
+    return KeywordTokens(cleaned, groups, multi, clashes, shown)

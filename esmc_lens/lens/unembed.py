@@ -23,19 +23,24 @@ class Unembed(nn.Module):
     """Final norm followed by the unembedding: ``logits = lm_head(norm(h))``.
 
     Shares (does not copy) the model's modules. Computes in float32 by default: an fp16
-    model's lens is evaluated on up-cast copies of its weights so probabilities near the
-    tau threshold do not depend on half-precision rounding.
+    model's lens runs the model's own norm module and unembedding on up-cast copies of their
+    weights (whatever the norm computes: Gemma's RMSNorm scales by ``1 + w``), so
+    probabilities near the tau threshold do not depend on half-precision rounding.
+    ``softcap``: the model soft-caps its logits (``cap * tanh(logits / cap)``, PaliGemma 2's
+    Gemma 2); the lens does the same so its last layer equals the logits.
     """
 
-    def __init__(self, final_norm: nn.Module, lm_head: nn.Module, compute_dtype=torch.float32):
+    def __init__(self, final_norm: nn.Module, lm_head: nn.Module, compute_dtype=torch.float32,
+                 softcap: float | None = None):
         super().__init__()
         self.final_norm = final_norm
         self.lm_head = lm_head
         self.compute_dtype = compute_dtype
+        self.softcap = softcap
 
     @classmethod
     def from_model(cls, vlm, compute_dtype=torch.float32) -> Unembed:
-        return cls(vlm.final_norm, vlm.lm_head, compute_dtype)
+        return cls(vlm.final_norm, vlm.lm_head, compute_dtype, softcap=vlm.logit_softcap)
 
     @property
     def vocab_size(self) -> int:
@@ -57,13 +62,13 @@ class Unembed(nn.Module):
         if self.compute_dtype is None or self.compute_dtype == w.dtype:
             normed = self.final_norm(h.to(w.dtype))
             if workspace is None:
-                return self.lm_head(normed)
+                return self._cap(self.lm_head(normed))
         else:
             with torch.autocast(self.device.type, enabled=False):
-                normed = _float_norm(self.final_norm, h.to(self.compute_dtype))
+                normed = float_module(self.final_norm, h.to(self.compute_dtype))
             if workspace is None:  # fresh tensors: autograd may run through them
                 logits = normed @ w.to(normed.dtype).T
-                return logits if bias is None else logits + bias.to(logits.dtype)
+                return self._cap(logits if bias is None else logits + bias.to(logits.dtype))
             w = workspace.buffer("weight", w.shape, normed.dtype, w.device).copy_(w)
         rows = normed.reshape(-1, normed.shape[-1])  # torch.mm(out=) needs 2-D, no autograd
         out = workspace.buffer("logits", (rows.shape[0], w.shape[0]), normed.dtype, w.device)
@@ -71,7 +76,15 @@ class Unembed(nn.Module):
             torch.mm(rows, w.T, out=out)
         if bias is not None:
             out.add_(bias.to(out.dtype))
+        if self.softcap is not None:  # in place, the same operations as _cap
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
         return out.view(*normed.shape[:-1], w.shape[0])
+
+    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's soft-capping, operation for operation (so equal bit for bit)."""
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
 
 
 class LensWorkspace:
@@ -102,17 +115,19 @@ class LensWorkspace:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
-def _float_norm(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Apply an RMSNorm/LayerNorm in h's dtype (its weight up-cast), whatever its own dtype."""
-    w = getattr(norm, "weight", None)
-    if w is None or w.dtype == h.dtype:
-        return norm(h)
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    if isinstance(norm, nn.LayerNorm):
-        return nn.functional.layer_norm(h, norm.normalized_shape, w.to(h.dtype),
-                                        None if norm.bias is None else norm.bias.to(h.dtype), eps)
-    # Llama-family RMSNorm: x * rsqrt(mean(x^2) + eps) * w
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w.to(h.dtype)
+def float_module(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``module(h)`` with ``module``'s floating parameters and buffers cast to ``h``'s dtype.
+
+    Runs the module's own forward (any norm: LayerNorm, Llama's ``w * x``, Gemma's
+    ``(1 + w) * x``), on up-cast copies of its weights, without copying or changing it.
+    """
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(h.dtype) if t.is_floating_point() else t
+
+    state = {k: cast(v) for k, v in [*module.named_parameters(), *module.named_buffers()]}
+    if all(v.dtype == h.dtype for v in state.values() if v.is_floating_point()):
+        return module(h)
+    return torch.func.functional_call(module, state, (h,))
 
 
 def chunks(flat: torch.Tensor, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -80,6 +80,9 @@ class Keywords:
         The language model's unparsed answer (for ``"lm"`` keywords), else None.
     question : str or None
         The question the language model was asked, if any.
+    truncated : bool
+        The language model's answer hit its token cap; its last, possibly cut, item was
+        dropped.
 
     Iterating a ``Keywords`` yields its words, so it can be passed wherever a list of
     keywords is expected (``capture(..., keywords=kw)``).
@@ -89,6 +92,7 @@ class Keywords:
     sources: list[str]
     raw: str | None = None
     question: str | None = None
+    truncated: bool = False  # the LM's answer hit its token cap (its last item was dropped)
 
     def __post_init__(self) -> None:
         self.words = [str(w) for w in self.words]
@@ -108,6 +112,11 @@ class Keywords:
 
     def __getitem__(self, i: int) -> str:
         return self.words[i]
+
+    @property
+    def supervised(self) -> bool:
+        """True when any keyword is a class name: localization then used the labels."""
+        return "class_names" in self.sources
 
     def to_frame(self) -> pd.DataFrame:
         """One row per keyword: columns ``word`` and ``source`` (shape [K, 2])."""
@@ -273,7 +282,7 @@ def text_prompt(vlm, question: str) -> str:
 
 
 @torch.inference_mode()
-def lm_keywords(vlm, question: str, max_new_tokens: int = 48,
+def lm_keywords(vlm, question: str, max_new_tokens: int = 64,
                 exclude_question_words: bool = True) -> Keywords:
     """Ask the VLM's language model ``question`` (text only, greedy) and parse its answer.
 
@@ -283,7 +292,9 @@ def lm_keywords(vlm, question: str, max_new_tokens: int = 48,
     question : str
         e.g. ``default_question("color", "flower")``.
     max_new_tokens : int
-        Answer length limit (a list of ~10 words needs ~40 tokens).
+        Cap on the answer's length; the model normally stops earlier, at its
+        end-of-sequence token (a list of ~10 words needs ~40 tokens). An answer cut by the
+        cap loses its last item (``truncated``).
     exclude_question_words : bool
         Drop words the question itself contains ("colors", "flowers", ...), which chat
         models echo in their lead-in.
@@ -313,10 +324,19 @@ def lm_keywords(vlm, question: str, max_new_tokens: int = 48,
                              attention_mask=enc["attention_mask"].to(vlm.device),
                              max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id)
-    raw = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    new = out[0, enc["input_ids"].shape[1]:]
+    raw = tok.decode(new, skip_special_tokens=True).strip()
+    # The answer ends at the end-of-sequence token; without it the cap cut the answer, and
+    # its last item may be a fragment ("vol" of "Volvo"): drop that item.
+    eos = vlm.model.generation_config.eos_token_id
+    stops = {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    truncated = len(new) >= max_new_tokens and not stops & set(new.tolist())
     exclude = re.findall(r"[^\W\d_]+", question) if exclude_question_words else ()
     words = parse_keywords(raw, exclude=exclude)
-    return Keywords(words, ["lm"] * len(words), raw=raw, question=question)
+    if truncated and words and not raw.rstrip().endswith((".", "\n")):
+        words = words[:-1]
+    return Keywords(words, ["lm"] * len(words), raw=raw, question=question,
+                    truncated=truncated)
 
 
 def as_keyword_list(keywords: Keywords | Sequence[str] | str) -> list[str]:
@@ -339,22 +359,65 @@ def question_for_prompt(prompt: str) -> str | None:
     return default_question(m.group(1).lower(), m.group(2).lower()) if m else None
 
 
+KEYWORD_SOURCES = ("auto", "user", "lm", "class_names")
+CLASS_NAMES = "class-names"  # what a user types (--keywords class-names) to ask for them
+MIN_KEYWORDS = 2  # fewer usable LM keywords than this is a failed answer
+
+
 def choose_keywords(vlm: VLM, prompt: str, keywords=None, images=None,
                     criterion: str | None = None, source: str = "auto") -> Keywords:
-    """Keywords for localization: the user's, the local LM's, or the class names.
+    """Keywords for localization, label-free unless the user asks otherwise.
 
-    ``source="auto"``: the user's list if given, else the LM's answer to the question built
-    from the prompt, falling back to the dataset's class names.
+    ``source="auto"`` (the default): the user's ``keywords`` if given, else the local
+    language model's answer to the question built from the prompt
+    (:func:`question_for_prompt`); if that yields fewer than ``MIN_KEYWORDS`` keywords the
+    lens can score, ``ConfigError`` names both ways out. The dataset's class names are
+    used only when asked for (``source="class_names"``, or ``keywords="class-names"``):
+    they are the labels, so localization with them is *supervised*, and every result of
+    such a run says so (:attr:`esmc_lens.report.result.EsmcResult.supervised`).
+    Keywords the lens cannot score (:func:`esmc_lens.lens.keyword_rule.split_scorable`)
+    are dropped from the user's and the LM's lists, with an ``EsmcWarning``.
     """
-    if keywords is not None and source in ("auto", "user"):
-        return keywords if isinstance(keywords, Keywords) else user_keywords(keywords)
-    if source in ("auto", "lm"):
-        q = question_for_prompt(prompt)
-        if q is not None:
-            kw = lm_keywords(vlm, q)
-            if len(kw.words) >= 2 or source == "lm":
-                return kw
-    if source in ("auto", "class_names") and criterion is not None:
+    import warnings
+
+    from ..errors import EsmcWarning
+    from ..lens.keyword_rule import split_scorable
+
+    if source not in KEYWORD_SOURCES:
+        raise ConfigError(f"keyword_source={source!r}: use one of {KEYWORD_SOURCES}")
+    if isinstance(keywords, str) and keywords.strip().lower() in (CLASS_NAMES, "class_names"):
+        keywords, source = None, "class_names"
+    if source == "class_names":
+        if criterion is None or images is None:
+            raise ConfigError("keyword_source='class_names' needs a dataset and its criterion "
+                              "(the class-folder names are the keywords)")
         return class_name_keywords(images, criterion)
-    raise ConfigError(f"no keywords for prompt {prompt!r}: pass keywords=[...] (e.g. "
-                      "--keywords red,white,pink) or a dataset criterion with class names")
+    if source == "user" and keywords is None:
+        raise ConfigError("keyword_source='user' needs keywords=[...] (--keywords a,b,c)")
+    if keywords is not None and source in ("auto", "user"):
+        kw = keywords if isinstance(keywords, Keywords) else user_keywords(keywords)
+    else:
+        q = question_for_prompt(prompt)
+        if q is None:
+            raise ConfigError(
+                f"no keywords for {prompt!r}: it has no '<criterion> of the <object>' phrase "
+                "to ask the language model about. Pass keywords (--keywords red,white,pink), "
+                f"or localize with the dataset's class names (--keywords {CLASS_NAMES}; "
+                "supervised)")
+        kw = lm_keywords(vlm, q)
+    ok, bad = split_scorable(vlm.tokenizer, kw.words)
+    if bad:
+        warnings.warn(f"keywords {bad} cannot be scored by the lens (see "
+                      "esmc_lens.lens.keyword_rule) and are dropped", EsmcWarning, stacklevel=3)
+        keep = [w in ok for w in kw.words]
+        kw = Keywords([w for w, k in zip(kw.words, keep, strict=True) if k],
+                      [s for s, k in zip(kw.sources, keep, strict=True) if k],
+                      raw=kw.raw, question=kw.question, truncated=kw.truncated)
+    if len(kw.words) < (MIN_KEYWORDS if "lm" in kw.sources else 1):
+        got = f"the language model's answer {kw.raw!r} to {kw.question!r}" if kw.raw is not \
+            None or kw.question else "the keyword list"
+        raise ConfigError(
+            f"{got} gave {len(kw.words)} usable keyword(s) {kw.words}: pass keywords "
+            f"(--keywords red,white,pink), or localize with the dataset's class names "
+            f"(--keywords {CLASS_NAMES}; supervised)")
+    return kw

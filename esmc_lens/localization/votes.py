@@ -15,17 +15,25 @@ Conventions
   (``0`` = embeddings, ``l + 1`` = output of decoder layer ``l``, i.e. HF's
   ``hidden_states[l + 1]``; labels write it ``E_s`` like the paper's ``E_27``), the slot
   is the axis-2 index of the cache's positions.
-* Ties: Algorithm 1 returns the *set* of cells whose count equals the maximum; every tied
-  cell is kept in ``targets`` (ordered by layer, then position) and the pipeline
-  concatenates their embeddings (:func:`esmc_lens.localization.targets.target_embeddings`).
-  ``primary`` is the single tied cell with the highest mean keyword probability, for
-  callers that want one cell.
+* Ties: Algorithm 1 returns the *set* of cells whose count equals the maximum, and the
+  pipeline concatenates their embeddings
+  (:func:`esmc_lens.localization.targets.target_embeddings`), ``|V|`` features each. Tied
+  cells beyond ``max_targets`` (3) are dropped, keeping those with the highest mean keyword
+  probability, with an ``EsmcWarning``: 30 ties on 533 images would otherwise be ~3 GB of
+  features. ``targets`` is ordered by layer, then position; ``primary`` is the kept cell
+  with the highest mean keyword probability.
+* No votes: when no (image, keyword) pair is above ``tau`` anywhere, the fallback stays
+  where the paper looks: the cell with the highest keyword probability among the
+  criterion sentence's own tokens (:func:`criterion_slots`) in the later half of the
+  layers. ``max_prob`` (the highest keyword probability over every cell) says how weak the
+  evidence was; results carry it beside ``tau``.
 * Empty slots (``cache.positions == -1``, prompts of different lengths) never vote.
 """
 
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,10 +43,11 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["Localization", "cell_labels", "localize", "vote_table"]
+__all__ = ["Localization", "cell_labels", "criterion_slots", "localize", "vote_table"]
 
 TAU = 0.2  # the paper's "high logit" threshold (jiang2024interpreting)
 N_SAMPLES = 10  # the paper's recommended sample per feature
+MAX_TARGETS = 3  # tied cells kept (each adds |V| features)
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -97,6 +106,34 @@ def cell_labels(cache) -> list[str]:
     return labels
 
 
+_MARKERS = str.maketrans({"Ġ": " ", "▁": " ", "Ċ": "\n"})
+
+
+def criterion_slots(cache, image: int = 0) -> list[int]:
+    """Slots whose tokens spell the criterion prompt (image ``image``'s sequence).
+
+    The captured tokens' text (byte-level and SentencePiece space markers turned into
+    spaces) is searched for the prompt's words, any whitespace between them, case ignored;
+    a slot whose token overlaps the last match is the criterion sentence's. ``[]`` when
+    the prompt is not found or the cache has no prompt.
+    """
+    prompts = getattr(cache, "prompts", None) or []
+    words = str(prompts[image]).split() if prompts else []
+    if not words:
+        return []
+    text, spans = "", []
+    for p in range(cache.n_positions):
+        tok = cache.tokens[image][p] if cache.positions[image, p] >= 0 else ""
+        piece = tok.translate(_MARKERS)
+        spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    matches = list(re.finditer(r"\s*".join(map(re.escape, words)), text, re.IGNORECASE))
+    if not matches:
+        return []
+    lo, hi = matches[-1].span()
+    return [p for p, (a, b) in enumerate(spans) if a < hi and b > lo]
+
+
 @dataclass
 class Localization:
     """Result of :func:`localize`.
@@ -123,7 +160,13 @@ class Localization:
         Indices (into the cache) of the sampled images, sorted.
     keywords : list of str
     message : str
-        Empty when votes were found; otherwise explains the fallback.
+        Empty when votes were found and no tie was dropped; otherwise explains the
+        fallback or the dropped ties.
+    max_prob : float
+        Highest keyword probability at any cell of any sampled image: the strength of the
+        evidence (compare with ``tau``; below it, no cell got a vote).
+    n_tied : int
+        Cells that tied for the most votes (``len(targets)`` unless ties were capped).
     per_keyword : DataFrame, one row per keyword
         The keyword's own best cell (most votes over sampled images, ties to the higher
         mean probability): ``layer``, ``slot``, ``position``, ``votes`` (of ``n_sampled``),
@@ -141,6 +184,16 @@ class Localization:
     keywords: list[str]
     message: str = ""
     per_keyword: pd.DataFrame = field(default_factory=pd.DataFrame)
+    max_prob: float = float("nan")
+    n_tied: int = 0
+
+    @property
+    def evidence(self) -> str:
+        """One line: the votes of the target, or how weak the evidence was."""
+        if self.found:
+            return f"{self.max_votes}/{self.n_pairs} votes (max p {self.max_prob:.3f})"
+        return (f"no votes: max keyword p {self.max_prob:.3f} <= tau {self.tau:g} "
+                "(fallback target)")
 
     @property
     def found(self) -> bool:
@@ -207,7 +260,8 @@ def _sample(n: int, n_samples: int, seed: int, sample: Sequence[int] | None) -> 
 
 
 def localize(cache, tau: float = TAU, n_samples: int = N_SAMPLES, seed: int = 0,
-             sample: Sequence[int] | None = None) -> Localization:
+             sample: Sequence[int] | None = None,
+             max_targets: int = MAX_TARGETS) -> Localization:
     """Algorithm 1 on a cache captured with ``keywords=...``.
 
     Parameters
@@ -222,6 +276,8 @@ def localize(cache, tau: float = TAU, n_samples: int = N_SAMPLES, seed: int = 0,
     seed : int
     sample : list of int, optional
         Explicit image indices; overrides ``n_samples``/``seed``.
+    max_targets : int
+        Most tied cells kept (see "Ties" in the module docstring).
 
     Returns
     -------
@@ -257,27 +313,50 @@ def localize(cache, tau: float = TAU, n_samples: int = N_SAMPLES, seed: int = 0,
     votes, probs_max, probs_mean = frame(counts), frame(pmax), frame(pmean)
 
     max_votes = int(counts.max()) if counts.size else 0
+    max_prob = float(np.nanmax(pmax)) if not np.isnan(pmax).all() else float("nan")
     message = ""
     if max_votes > 0:
         cells = np.argwhere(counts == max_votes)  # row-major: by layer, then slot
+        n_tied = len(cells)
+        if n_tied > max_targets:
+            strength = np.nan_to_num(pmean[cells[:, 0], cells[:, 1]], nan=-np.inf)
+            keep = np.sort(np.argsort(-strength, kind="stable")[:max_targets])
+            dropped = [f"E_{cache.stream[s]}({labels[p]})"
+                       for s, p in np.delete(cells, keep, axis=0)]
+            cells = cells[keep]
+            message = (f"{n_tied} cells tie with {max_votes} votes; kept the {max_targets} "
+                       f"with the highest mean keyword probability and dropped "
+                       f"{', '.join(dropped[:8])}{' ...' if len(dropped) > 8 else ''}")
         targets = [(int(cache.stream[s]), int(p)) for s, p in cells]
     else:
+        n_tied = 0
         if np.isnan(pmax).all():
             raise ConfigError("every sampled slot is empty: the cache holds no positions")
-        flat = np.where(np.isnan(pmax), -np.inf, pmax).ravel()
+        # Stay where the paper looks: the criterion's own tokens, in the later layers.
+        rows = [i for i, s in enumerate(cache.stream) if s >= max(cache.stream) / 2] \
+            or list(range(S))
+        cols = [c for c in criterion_slots(cache, int(idx[0])) if not all_empty[c]] \
+            or [c for c in range(P) if not all_empty[c]]
+        region = np.full_like(pmax, -np.inf)
+        sub = np.ix_(rows, cols)
+        region[sub] = np.nan_to_num(pmax[sub], nan=-np.inf)
+        flat = region.ravel()
         order = np.argsort(-flat, kind="stable")[:5]
-        best = [(int(cache.stream[i // P]), int(i % P), float(flat[i])) for i in order]
+        best = [(int(cache.stream[i // P]), int(i % P), float(flat[i])) for i in order
+                if np.isfinite(flat[i])]
         targets = [best[0][:2]]
         top = ", ".join(f"E_{s}({labels[p]}) {v:.3f}" for s, p, v in best)
-        message = (f"no (image, keyword) pair has lens probability > tau={tau:g} at any cell; "
-                   f"falling back to the cell with the highest keyword probability, "
-                   f"E_{best[0][0]}({labels[best[0][1]]}). Top cells by max probability: "
-                   f"{top}. Lower tau (below {best[0][2]:.3f}), check the keywords, or "
-                   "sample more images.")
+        message = (f"no (image, keyword) pair has lens probability > tau={tau:g} at any cell "
+                   f"(the highest anywhere is {max_prob:.3f}); falling back to the cell with "
+                   f"the highest keyword probability among the criterion's tokens in layers "
+                   f">= {cache.stream[rows[0]]}, E_{best[0][0]}({labels[best[0][1]]}). Top "
+                   f"cells there by max probability: {top}. The evidence is weak: check the "
+                   f"keywords, Lower tau (below {max_prob:.3f}), or sample more images.")
     per_kw = _per_keyword(probs, valid, tau, keywords, list(cache.stream), labels)
     return Localization(votes=votes, probs_max=probs_max, probs_mean=probs_mean,
                         targets=targets, max_votes=max_votes, n_pairs=n * K, tau=float(tau),
-                        sample=idx, keywords=keywords, message=message, per_keyword=per_kw)
+                        sample=idx, keywords=keywords, message=message, per_keyword=per_kw,
+                        max_prob=max_prob, n_tied=n_tied)
 
 
 def _per_keyword(probs: np.ndarray, valid: np.ndarray, tau: float, keywords: list[str],

@@ -10,6 +10,8 @@ CLIP image processor, the LLaVA-1.5 chat template and ``vision_feature_select_st
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 IMAGE_TOKEN = "<image>"
@@ -37,22 +39,32 @@ Identify the color of this vehicle. Provide the exact car color. Brand of the ca
 """
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained in memory, with ``<image>`` and ``<pad>`` special."""
+def build_tokenizer(vocab_size: int = 512, specials: Sequence[str] = (IMAGE_TOKEN,),
+                    bos: str | None = "<s>", eos: str = "</s>", pad: str = "<pad>",
+                    named: dict[str, str] | None = None):
+    """A byte-level BPE tokenizer trained in memory, with ``specials`` as special tokens.
+
+    ``<unk>``, ``bos``, ``eos`` and ``pad`` come first, then ``specials`` (a family's image,
+    chat and marker tokens); ``named`` are the tokenizer's named extra special tokens
+    (``tok.image_token`` ...), by default ``image_token="<image>"`` when ``<image>`` is one.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if named is None:
+        named = {"image_token": IMAGE_TOKEN} if IMAGE_TOKEN in specials else {}
     tk = Tokenizer(models.BPE(unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
+    first = [t for t in ("<unk>", bos, eos, pad) if t is not None]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN],
+        vocab_size=vocab_size, special_tokens=list(dict.fromkeys([*first, *specials])),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tk.train_from_iterator(_CORPUS.split("\n") * 4, trainer=trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", padding_side="left", extra_special_tokens={"image_token": IMAGE_TOKEN},
+        tokenizer_object=tk, bos_token=bos, eos_token=eos, unk_token="<unk>",
+        pad_token=pad, padding_side="left", extra_special_tokens=dict(named),
     )
     return tok
 

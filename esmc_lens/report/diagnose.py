@@ -14,7 +14,6 @@ its cross-table shows which classes the model confuses.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,17 +89,6 @@ def lens_readout(features_vocab: np.ndarray, tokenizer, class_names: list[str],
                        class_mass=float(mass.sum(axis=1).mean()), top_tokens=top_tokens)
 
 
-def _target_sequence_positions(result) -> list[int]:
-    """Sequence indices of the target cells, from labels such as ``E_30(20:is)``."""
-    out = []
-    for label in result.target_labels:
-        m = re.match(r"E_\d+\((\d+):", label)
-        if m is None:
-            raise ConfigError(f"cannot read the target's position from {label!r}")
-        out.append(int(m.group(1)))
-    return out
-
-
 def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
                     batch_size: int = 8, progress: bool = True) -> LensReadout:
     """:func:`lens_readout` at a saved run's first target, on the run's own images.
@@ -115,7 +103,7 @@ def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
 
     if result.y_true is None or result.class_names is None:
         raise ConfigError("the run has no labels: a readout needs the criterion's classes")
-    positions = _target_sequence_positions(result)
+    positions = [p for _, p in result.target_positions]  # from the sequence's end
     seq = sorted(set(positions))
     cache = capture_target_cells(vlm, dataset, result.prompt, seq,
                                  sorted({s for s, _ in result.target}), cache_dir=cache_dir,

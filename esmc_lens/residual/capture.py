@@ -309,13 +309,21 @@ class _Prepared:
 
 def _prepare(vlm, batch, prompts, positions, index, ids) -> _Prepared:
     enc = vlm.encode(batch, prompts)
-    input_ids, mask = enc["input_ids"].cpu(), enc["attention_mask"].cpu()
-    B, T = input_ids.shape
-    offsets = (T - mask.sum(1)).tolist()  # left padding
+    input_ids, mask = enc["input_ids"].cpu(), enc["attention_mask"].cpu().bool()
+    B = input_ids.shape[0]
+    lengths = mask.sum(1)
+    offsets = mask.int().argmax(1).tolist()  # first real token (left padding: T - length)
+    block = vlm.image_token_ids  # the placeholder and the family's image markers
     rows, spans, toks = [], [], []
     for b in range(B):
-        seq = input_ids[b, offsets[b]:].tolist()
-        img = [i for i, t in enumerate(seq) if t == vlm.image_token_id]
+        stop = offsets[b] + int(lengths[b])
+        if not mask[b, offsets[b]:stop].all():
+            raise ModelError("the attention mask has padding inside a sequence; esmc_lens "
+                             "expects padding on one side")
+        seq = input_ids[b, offsets[b]:stop].tolist()
+        # The image's block is found by its token ids, per row: its length varies with the
+        # image's size in the dynamic-resolution families, so no fixed offset would do.
+        img = [i for i, t in enumerate(seq) if t in block]
         if not img:
             raise ConfigError("the processor produced no image tokens; is the prompt's chat "
                               "template missing its image placeholder?")
@@ -338,7 +346,10 @@ def _capture_prepared(vlm, prep: _Prepared, plan: _Plan, store_dtype) -> Residua
     gather = (prep.pos_t + torch.tensor(prep.offsets)[:, None]).clamp_min(0).to(vlm.device)
     bidx = torch.arange(B, device=vlm.device)[:, None]
     run = _run_nnsight if plan.engine == "nnsight" else _run_hooks
-    states, pooled = run(vlm, prep.enc, bidx, gather, plan)  # [B, S, P, d] on the device
+    features = None  # [B, T] the image features' positions, for the vision feature
+    if plan.vision and vlm.family.vision_feature == "image_tokens":
+        features = (prep.enc["input_ids"] == vlm.image_token_id).to(vlm.device)
+    states, pooled = run(vlm, prep.enc, bidx, gather, plan, features)  # [B, S, P, d]
     empty = (prep.pos_t < 0).to(states.device)
     states = states.masked_fill(empty[:, None, :, None], 0)
     r = None
@@ -362,7 +373,18 @@ class _StopForward(Exception):
     """Raised by the last capture hook: the rest of the forward pass is not needed."""
 
 
-def _run_hooks(vlm, enc, bidx, gather, plan: _Plan):
+def _image_mean(h: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """[B, T, d] language-model input, [B, T] bool -> [B, d]: the mean of each image's
+    features (the vision feature of families whose vision tower has no per-image pooling)."""
+    w = features.to(h.dtype)[..., None]
+    return (h * w).sum(1) / w.sum(1).clamp_min(1)
+
+
+def _layer_input(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _run_hooks(vlm, enc, bidx, gather, plan: _Plan, features=None):
     stream, last = plan.stream, plan.stream[-1]
     got: dict[int, torch.Tensor] = {}
     pooled: list = []
@@ -374,16 +396,20 @@ def _run_hooks(vlm, enc, bidx, gather, plan: _Plan):
         if s == last:
             raise _StopForward
 
+    if features is not None:  # before stream 0's hook, which may stop the pass
+        handles.append(layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: pooled.append(_image_mean(_layer_input(args, kwargs),
+                                                              features)),
+            with_kwargs=True))
     if 0 in stream:
         handles.append(layers[0].register_forward_pre_hook(
-            lambda m, args, kwargs: keep(0, args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True))
+            lambda m, args, kwargs: keep(0, _layer_input(args, kwargs)), with_kwargs=True))
     for layer in range(last):
         if layer + 1 in stream:
             handles.append(layers[layer].register_forward_hook(
                 lambda m, args, out, s=layer + 1: keep(s, out[0] if isinstance(out, tuple)
                                                        else out)))
-    if plan.vision:
+    if plan.vision and features is None:
         handles.append(vlm.vision_tower.register_forward_hook(
             lambda m, args, out: pooled.append(out.pooler_output)))
     try:
@@ -400,20 +426,26 @@ def _run_hooks(vlm, enc, bidx, gather, plan: _Plan):
     return torch.stack([got[s] for s in stream], dim=1), pooled[0] if pooled else None
 
 
-def _run_nnsight(vlm, enc, bidx, gather, plan: _Plan):
+def _run_nnsight(vlm, enc, bidx, gather, plan: _Plan, features=None):
     import nnsight
 
     stream, last = plan.stream, plan.stream[-1]
     envoy = remote_envoy(vlm) if plan.remote else vlm.envoy
     layers = _get_envoy(envoy, vlm.layout.layers)
-    vision_envoy = _get_envoy(envoy, vlm.layout.vision_tower) if plan.vision else None
+    pooler = plan.vision and features is None
+    vision_envoy = _get_envoy(envoy, vlm.layout.vision_tower) if pooler else None
     kwargs = {"remote": plan.remote} if plan.remote else {}
     with torch.inference_mode(), envoy.trace(**enc, use_cache=False, **kwargs) as tracer:
         saved = nnsight.save([])
-        if plan.vision:
+        if pooler:
             pooled = vision_envoy.output.pooler_output.save()
-        if 0 in stream:
-            saved.append(layers[0].input[bidx, gather])
+        if features is not None or 0 in stream:
+            first = layers[0].input  # read once: modules are visited in execution order
+            if features is not None:  # _image_mean, written out: a remote trace runs
+                w = features.to(first.dtype)[..., None]  # its body, not esmc_lens's code
+                pooled = ((first * w).sum(1) / w.sum(1).clamp_min(1)).save()
+            if 0 in stream:
+                saved.append(first[bidx, gather])
         for layer in range(last):  # decoder layers up to the last captured one
             if layer + 1 in stream:
                 saved.append(layers[layer].output[bidx, gather])
