@@ -12,10 +12,13 @@ import torch
 from conftest import SOLID_COLOURS, solid
 
 from esmc_lens.errors import ConfigError
+from esmc_lens.models.tiny_families import TINY_BUILDERS
+from esmc_lens.models.vlm import SENTENCE_END, load_model
 from esmc_lens.residual.capture import capture
 from esmc_lens.residual.shared_prefix import (
     SHARED_PREFIX_RTOL,
     capture_criteria,
+    shares_prefix,
     split_criteria,
     stop_token_ids,
 )
@@ -81,8 +84,10 @@ def test_split_is_each_criterions_tokens(tiny_vlm):
     for c, prompt in enumerate(CRITERIA.values()):
         ids = tiny_vlm.encode([img], prompt)["input_ids"][0].tolist()
         own = [sp.node_ids[j] for j in sp.paths[c]]
-        assert list(sp.prefix_ids) + own == ids
-        assert sp.image_span[1] <= sp.prefix_len  # the image is in the shared prefix
+        assert ids[len(ids) - len(own):] == own
+        toks = tiny_vlm.tokenizer.convert_ids_to_tokens(ids)
+        assert sp.prompt_tokens(c) == toks[len(toks) - sp.prompt_len(c):]
+        assert "<image>" not in sp.prompt_tokens(c)  # the image is in the shared prefix
     # "The color of the" is shared by color and background: their paths start alike.
     a, b = sp.paths[0], sp.paths[2]
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
@@ -132,38 +137,38 @@ def test_tiny_layers_and_positions_stop_early(tiny_vlm, one_torch_thread):
                 <= SHARED_PREFIX_RTOL
 
 
-def reference_answers(vlm, imgs, prompt: str, cap: int) -> tuple[list[str], list[str]]:
-    """``model.generate`` on the full prompt (one image at a time, no padding), cut after
-    the first token that ends an answer: (answers, why each stopped)."""
+def reference_stops(vlm, imgs, prompt: str, cap: int) -> list[str]:
+    """Why ``model.generate`` (no stop strings) ends each image's answer: "eos", "end" (its
+    text reaches a full stop or a newline) or "cap"."""
     eos = stop_token_ids(vlm)
-    answers, stops = [], []
+    stops = []
     for img in imgs:
         enc = vlm.encode([img], prompt)
         with torch.inference_mode():
             out = vlm.model.generate(**enc, max_new_tokens=cap, do_sample=False,
                                      pad_token_id=vlm.tokenizer.pad_token_id)
-        cut, why = [], "cap"
+        why, seen = "cap", []
         for t in out[0, enc["input_ids"].shape[1]:].tolist():
-            cut.append(t)
-            text = vlm.tokenizer.decode([t])
             if t in eos:
                 why = "eos"
-            elif "\n" in text or text.strip().endswith((".", "!", "?")):
-                why = "end"
-            if why != "cap":
                 break
-        answers.append(vlm.tokenizer.decode(cut, skip_special_tokens=True).strip())
+            seen.append(t)
+            if any(s in vlm.tokenizer.decode(seen, skip_special_tokens=True)
+                   for s in SENTENCE_END):
+                why = "end"
+                break
         stops.append(why)
-    return answers, stops
+    return stops
 
 
 def check_answers(vlm, imgs, cap: int, batch_size: int) -> dict:
+    """Answers equal ``vlm.generate`` (stop strings, the same cut), stop reasons equal a
+    plain ``model.generate``'s."""
     cc = capture_criteria(vlm, imgs, CRITERIA, layers=[vlm.n_layers], answer_tokens=cap,
                           batch_size=batch_size, progress=False)
     for name, prompt in CRITERIA.items():
-        answers, stops = reference_answers(vlm, imgs, prompt, cap)
-        assert cc.answers[name] == answers, name
-        assert cc.answer_stops[name] == stops, name
+        assert cc.answers[name] == vlm.generate(imgs, prompt, max_new_tokens=cap), name
+        assert cc.answer_stops[name] == reference_stops(vlm, imgs, prompt, cap), name
     return cc.answer_stops
 
 
@@ -176,16 +181,52 @@ def test_attention_without_custom_masks_is_refused(tiny_vlm):
     before = tiny_vlm.model.config.text_config._attn_implementation
     tiny_vlm.model.config.text_config._attn_implementation = "flash_attention_2"
     try:
+        assert "attn_implementation='sdpa'" in shares_prefix(tiny_vlm)
         with pytest.raises(ConfigError, match="attn_implementation='sdpa'"):
             capture_criteria(tiny_vlm, images(1, (30, 30)), CRITERIA, progress=False)
     finally:
         tiny_vlm.model.config.text_config._attn_implementation = before
+    assert shares_prefix(tiny_vlm) is None
 
 
 def test_bad_positions_name_the_criterion(tiny_vlm):
-    with pytest.raises(ConfigError, match="'shape'"):
-        capture_criteria(tiny_vlm, images(1, (30, 30)), CRITERIA,
-                         positions={"color": [-1], "shape": [10_000]}, progress=False)
+    for bad in ([-10_000], [3]):  # before the image block; counted from the start
+        with pytest.raises(ConfigError, match="'shape'"):
+            capture_criteria(tiny_vlm, images(1, (30, 30)), CRITERIA,
+                             positions={"color": [-1], "shape": bad}, progress=False)
+
+
+@pytest.mark.parametrize("key", sorted(TINY_BUILDERS))
+def test_every_family_with_images_of_different_sizes(key, one_torch_thread):
+    """Dynamic-resolution families give each image its own number of image tokens: the
+    prefixes of one batch are left-padded to the longest. States equal a full forward pass
+    per criterion, answers equal ``vlm.generate``; families that cannot share a prefix are
+    refused with the reason."""
+    if key == "smolvlm":
+        pytest.importorskip("num2words", reason="SmolVLMProcessor needs num2words")
+    vlm = load_model(f"tiny:{key}")
+    crit = {k: CRITERIA[k] for k in ("color", "background", "long")}
+    imgs = [solid(c, size) for c, size in zip(list(SOLID_COLOURS.values()),
+                                               [(64, 24), (20, 56), (30, 30)], strict=False)]
+    if shares_prefix(vlm) is not None:
+        assert key in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "gemma3")
+        with pytest.raises(ConfigError, match="cannot share a prefix"):
+            capture_criteria(vlm, imgs, crit, progress=False)
+        return
+    cc = capture_criteria(vlm, imgs, crit, vision=True, store_dtype=torch.float32,
+                          batch_size=3, answer_tokens=5, progress=False)
+    for name, prompt in crit.items():
+        ref = capture(vlm, imgs, prompt, vision=True, store_dtype=torch.float32,
+                      batch_size=3, progress=False)
+        got = cc.caches[name]
+        assert torch.equal(got.positions, ref.positions) and got.tokens == ref.tokens
+        assert torch.equal(got.image_span, ref.image_span)
+        assert torch.equal(got.vision, ref.vision)
+        assert float(rel_error(ref.states, got.states).max()) <= SHARED_PREFIX_RTOL, name
+        assert cc.answers[name] == vlm.generate(imgs, prompt, max_new_tokens=5), name
+    lengths = ref.image_span[:, 1] - ref.image_span[:, 0]
+    if vlm.family.dynamic:  # the point of the test: one batch, several prefix lengths
+        assert len(set(lengths.tolist())) > 1
 
 
 @pytest.mark.slow

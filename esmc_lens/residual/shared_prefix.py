@@ -30,8 +30,15 @@ The stated tolerance is ``SHARED_PREFIX_RTOL`` (1e-5) of each stream's largest a
 The Output baseline's answers are generated from the same prefill (:func:`capture_criteria`
 with ``answer_tokens``): greedy tree decoding, one row per image, one new token per criterion
 per step, each attending to the prefix, its criterion's tokens and its own answer so far. An
-answer stops at an end-of-sequence token, at the end of its first sentence or line, or after
-``answer_tokens`` tokens (the cap); the reason is recorded.
+answer stops at an end-of-sequence token, at the end of its first sentence or line
+(``SENTENCE_END``), or after ``answer_tokens`` tokens (the cap), and is cut as
+:meth:`~esmc_lens.models.vlm.VLM.generate` cuts it; the reason is recorded.
+
+Families whose position ids are not a count of tokens (Qwen2/3-VL's M-RoPE), whose prefix
+attends to the prompt both ways (PaliGemma) or whose masks are built inside the forward
+(Gemma 3) cannot share a prefix (:func:`shares_prefix`); the others (LLaVA, LLaVA-NeXT,
+LLaVA-OneVision, InternVL, Idefics3/SmolVLM, Mistral 3, Pixtral) are tested with images of
+different sizes in one batch, i.e. left-padded prefixes of different image-token counts.
 
 >>> cc = capture_criteria(vlm, images, {"color": "The color of the flower is",
 ...                                     "species": "The species of the flower is"},
@@ -53,7 +60,7 @@ from ..errors import ConfigError, ModelError
 from ..lens.keyword_rule import keyword_token_ids
 from ..lens.readout import readout
 from ..lens.unembed import LensWorkspace, Unembed
-from ..models.vlm import VLM
+from ..models.vlm import SENTENCE_END, VLM, first_sentence
 from .cache import ResidualCache
 
 __all__ = ["SHARED_PREFIX_RTOL", "CriteriaCapture", "CriteriaPrompts", "capture_criteria",
@@ -62,7 +69,6 @@ __all__ = ["SHARED_PREFIX_RTOL", "CriteriaCapture", "CriteriaPrompts", "capture_
 SHARED_PREFIX_RTOL = 1e-5  # of a stream's largest |state|: the stated fp32 tolerance
 ATTENTION = ("sdpa", "eager")  # implementations that take a custom 4-D mask
 LENS_CHUNK_BYTES = 256 << 20  # logits of one lens chunk (fp32)
-_SENTENCE_END = (".", "!", "?")
 
 
 def criteria_dict(prompts: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
@@ -82,29 +88,47 @@ def criteria_dict(prompts: str | Sequence[str] | Mapping[str, str]) -> dict[str,
     return out
 
 
+# Families whose position ids are not a plain count (M-RoPE) or whose prefix attends to the
+# prompt both ways (PaliGemma): a criterion's tokens cannot run on a cache shared by others.
+UNSHARED_FAMILIES = {
+    "qwen2_vl": "its M-RoPE position ids are computed inside the forward from the whole input",
+    "qwen3_vl": "its M-RoPE position ids are computed inside the forward from the whole input",
+    "paligemma": "its prefix (image and prompt) attends both ways, so no token is shared",
+    "gemma3": "its attention masks are built inside the forward (an image's tokens attend "
+              "both ways, sliding-window layers), which a custom mask would replace",
+}
+
+
+def shares_prefix(vlm: VLM) -> str | None:
+    """None when ``vlm`` can run criteria on a shared prefix, else the reason it cannot."""
+    reason = UNSHARED_FAMILIES.get(vlm.family.key)
+    if reason is None and vlm.prompt_style == "plain":
+        reason = "prompt style 'plain' lets the processor place the prompt"
+    impl = getattr(vlm.model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
+    if reason is None and impl not in ATTENTION:
+        reason = (f"attention implementation {impl!r} takes no custom 4-D mask (load the "
+                  "model with attn_implementation='sdpa' or 'eager')")
+    return reason
+
+
 @dataclass(frozen=True)
 class CriteriaPrompts:
     """How K criterion prompts split into one shared prefix and a trie of their own tokens.
 
-    Sequence indices are those of one unpadded input (``<image>`` expanded), as in
-    :class:`~esmc_lens.residual.cache.ResidualCache`: criterion ``c``'s token ``i`` is prefix
-    token ``i`` for ``i < prefix_len``, else trie node ``paths[c][i - prefix_len]``.
+    The prefix is everything before the first token that overlaps a criterion's text; its
+    length may differ per image (dynamic-resolution families), so cells are addressed from
+    its end: ``("prefix", m)`` is the prefix's m-th token from its end (1 = its last),
+    ``("node", j)`` trie node j.
     """
 
     names: tuple[str, ...]
     prompts: tuple[str, ...]
     formatted: tuple[str, ...]  # each criterion's full model input text
-    prefix_ids: tuple[int, ...]  # [prefix_len] token ids of the shared prefix
-    image_span: tuple[int, int]  # (first image token, one after the last)
     node_ids: tuple[int, ...]  # [n_nodes] token of each trie node
     parents: tuple[int, ...]  # [n_nodes] parent node, -1 for a first token
     paths: tuple[tuple[int, ...], ...]  # per criterion: its trie nodes, in order
     node_tokens: tuple[str, ...]  # [n_nodes] token strings
-    prefix_tokens: tuple[str, ...]  # [prefix_len] token strings
-
-    @property
-    def prefix_len(self) -> int:
-        return len(self.prefix_ids)
+    tail_tokens: tuple[str, ...]  # the prefix's tokens after the image block
 
     @property
     def n_nodes(self) -> int:
@@ -129,37 +153,47 @@ class CriteriaPrompts:
                 j = self.parents[j]
         return vis
 
-    def seq_len(self, c: int) -> int:
-        """Tokens of criterion ``c``'s full input (prefix + its own)."""
-        return self.prefix_len + len(self.paths[c])
+    def prompt_len(self, c: int) -> int:
+        """Tokens of criterion ``c``'s input after the image block."""
+        return len(self.tail_tokens) + len(self.paths[c])
 
-    def tokens(self, c: int) -> list[str]:
-        """Token strings of criterion ``c``'s full input."""
-        return list(self.prefix_tokens) + [self.node_tokens[j] for j in self.paths[c]]
+    def prompt_tokens(self, c: int) -> list[str]:
+        """Token strings of criterion ``c``'s input after the image block."""
+        return list(self.tail_tokens) + [self.node_tokens[j] for j in self.paths[c]]
 
-    def cell(self, c: int, seq_index: int) -> tuple[str, int]:
-        """("prefix", i) or ("node", j): where criterion ``c``'s token ``seq_index`` runs."""
-        if not 0 <= seq_index < self.seq_len(c):
-            raise ConfigError(f"position {seq_index} is outside criterion {self.names[c]!r}'s "
-                              f"{self.seq_len(c)}-token input")
-        if seq_index < self.prefix_len:
-            return "prefix", seq_index
-        return "node", self.paths[c][seq_index - self.prefix_len]
+    def cell(self, c: int, from_end: int) -> tuple[str, int]:
+        """Where criterion ``c``'s token ``from_end`` (-1: its last) runs."""
+        own = len(self.paths[c])
+        if from_end >= -own:
+            return "node", self.paths[c][own + from_end]
+        return "prefix", -from_end - own
 
     def summary(self) -> dict:
-        return {"prefix_tokens": self.prefix_len, "trie_nodes": self.n_nodes,
+        return {"prefix_tail_tokens": len(self.tail_tokens), "trie_nodes": self.n_nodes,
                 "criterion_tokens": {n: len(p) for n, p in zip(self.names, self.paths,
                                                                 strict=True)}}
+
+
+def _image_block(vlm: VLM, ids: Sequence[int]) -> tuple[int, int]:
+    """(first, one after the last) index of the image's block in one unpadded sequence."""
+    block = vlm.image_token_ids
+    img = [i for i, t in enumerate(ids) if t in block]
+    if not img:
+        raise ConfigError("the processor produced no image tokens; is the prompt's chat "
+                          "template missing its image placeholder?")
+    return img[0], img[-1] + 1
 
 
 def split_criteria(vlm: VLM, prompts, image) -> CriteriaPrompts:
     """Split the criteria's model inputs into the shared prefix and a token trie.
 
-    ``image`` is any one image (the processor expands ``<image>`` by its size). The split is
-    at the first token that overlaps the criterion text in the formatted input; tokens are
-    those the processor gives each full prompt, so prefix + a criterion's trie path is, token
-    for token, that criterion's input.
+    ``image`` is any one image. The split is at the first token that overlaps the criterion
+    text in the formatted input; tokens are those the processor gives each full prompt, so
+    prefix + a criterion's trie path is, token for token, that criterion's input.
     """
+    why = shares_prefix(vlm)
+    if why is not None:
+        raise ConfigError(f"{vlm.name!r} cannot share a prefix between criteria: {why}")
     crit = criteria_dict(prompts)
     names, texts = list(crit), list(crit.values())
     tok = vlm.tokenizer
@@ -184,10 +218,7 @@ def split_criteria(vlm: VLM, prompts, image) -> CriteriaPrompts:
         raise ConfigError(f"the criteria {names} do not share the tokens before their text "
                           "(does the template put criterion text before the image?)")
     prefix = seqs[0][:cut[0]]
-    img = [i for i, t in enumerate(prefix) if t == vlm.image_token_id]
-    if not img:
-        raise ConfigError("no image token before the criterion text: shared-prefix capture "
-                          "needs the image in the shared prefix")
+    _, stop = _image_block(vlm, prefix)
     node_of: dict[tuple[int, int], int] = {}
     node_ids: list[int] = []
     parents: list[int] = []
@@ -205,10 +236,9 @@ def split_criteria(vlm: VLM, prompts, image) -> CriteriaPrompts:
         paths.append(tuple(path))
     return CriteriaPrompts(
         names=tuple(names), prompts=tuple(texts), formatted=tuple(formatted),
-        prefix_ids=tuple(prefix), image_span=(img[0], img[-1] + 1), node_ids=tuple(node_ids),
-        parents=tuple(parents), paths=tuple(paths),
+        node_ids=tuple(node_ids), parents=tuple(parents), paths=tuple(paths),
         node_tokens=tuple(tok.convert_ids_to_tokens(node_ids)),
-        prefix_tokens=tuple(tok.convert_ids_to_tokens(prefix)))
+        tail_tokens=tuple(tok.convert_ids_to_tokens(prefix[stop:])))
 
 
 # -- one batch ---------------------------------------------------------------------------
@@ -219,33 +249,41 @@ class _Stop(Exception):
 
 
 class _StreamHooks:
-    """Forward hooks keeping ``h[rows, cols]`` of every stream in ``stream`` for one pass.
+    """Forward hooks keeping ``h[rows, cols]`` of every stream in ``stream`` for one pass,
+    and (``vision``) the vision-only baseline's feature of each image.
 
-    ``arm(cols, stop)`` before a pass: ``cols`` [B, P] indexes the pass's sequence axis, and
-    the pass is cut short after stream ``stop`` (None: run to the end).
+    ``arm(cols, stop, image_mask)`` before a pass: ``cols`` [B, P] indexes the pass's
+    sequence axis; the pass is cut short after stream ``stop`` (None: run to the end);
+    ``image_mask`` [B, T] marks the image features' positions for families whose feature
+    is their mean at the language model's input (``vision_feature="image_tokens"``).
     """
 
     def __init__(self, vlm: VLM, stream: Sequence[int], vision: bool) -> None:
         self.stream = list(stream)
         self.got: dict[int, torch.Tensor] = {}
         self.pooled: list[torch.Tensor] = []
-        self.cols: torch.Tensor | None = None
-        self.stop: int | None = None
-        self.want_vision = vision
+        self.cols = self.stop = self.image_mask = None
         layers = vlm.layers
         self.handles = [layers[0].register_forward_pre_hook(
-            lambda m, args, kw: self._keep(0, args[0] if args else kw["hidden_states"]),
+            lambda m, args, kw: self._first(args[0] if args else kw["hidden_states"]),
             with_kwargs=True)]
         for layer in range(vlm.n_layers):
             self.handles.append(layers[layer].register_forward_hook(
                 lambda m, args, out, s=layer + 1: self._keep(
                     s, out[0] if isinstance(out, tuple) else out)))
-        if vision:
+        if vision and vlm.family.vision_feature == "pooler":
             self.handles.append(vlm.vision_tower.register_forward_hook(
                 lambda m, args, out: self.pooled.append(out.pooler_output)))
 
-    def arm(self, cols: torch.Tensor | None, stop: int | None) -> None:
-        self.got, self.cols, self.stop = {}, cols, stop
+    def arm(self, cols: torch.Tensor | None, stop: int | None,
+            image_mask: torch.Tensor | None = None) -> None:
+        self.got, self.cols, self.stop, self.image_mask = {}, cols, stop, image_mask
+
+    def _first(self, h: torch.Tensor) -> None:
+        if self.image_mask is not None:  # the image features, as the LM reads them
+            w = self.image_mask.to(h.dtype)[..., None]
+            self.pooled.append((h * w).sum(1) / w.sum(1).clamp_min(1))
+        self._keep(0, h)
 
     def _keep(self, s: int, h: torch.Tensor) -> None:
         if self.cols is not None and s in self.stream:
@@ -277,8 +315,8 @@ def _mask(visible: torch.Tensor, dtype: torch.dtype, impl: str) -> torch.Tensor:
     return m
 
 
-def _run(vlm: VLM, hooks: _StreamHooks, cols, stop, **inputs):
-    hooks.arm(cols, stop)
+def _run(vlm: VLM, hooks: _StreamHooks, cols, stop, image_mask=None, **inputs):
+    hooks.arm(cols, stop, image_mask)
     try:
         with torch.inference_mode():
             return vlm.model(**inputs)
@@ -288,78 +326,86 @@ def _run(vlm: VLM, hooks: _StreamHooks, cols, stop, **inputs):
 
 @dataclass
 class _BatchOut:
-    prefix: torch.Tensor | None  # [B, S, n_prefix_cells, d]
-    nodes: torch.Tensor | None  # [B, S, n_node_cells, d]
+    states: torch.Tensor  # [B, S, n_cells, d] prefix cells, then node cells
+    prefix_len: list[int]  # [B] unpadded prefix length of each image
+    image_span: list[tuple[int, int]]  # [B] image block of each image (unpadded)
     vision: torch.Tensor | None  # [B, d_vision]
-    answers: list[list[list[int]]] | None  # [B][K] generated token ids (stop token included)
+    answers: list[list[str]] | None  # [B][K]
     reasons: list[list[str]] | None  # [B][K] "eos", "end" or "cap"
 
 
 def _shared_batch(vlm: VLM, split: CriteriaPrompts, images, stream: list[int],
                   prefix_cells: list[int], node_cells: list[int], vision: bool,
                   answer_tokens: int) -> _BatchOut:
-    """One batch: the prefix pass, the trie pass, then (``answer_tokens``) tree decoding."""
-    impl = getattr(vlm.model.config.text_config, "_attn_implementation", None) or "sdpa"
-    if impl not in ATTENTION:
-        raise ConfigError(f"attention implementation {impl!r} takes no custom 4-D mask: load "
-                          "the model with attn_implementation='sdpa' (or 'eager') for "
-                          "shared-prefix capture")
+    """One batch: the prefix pass, the trie pass, then (``answer_tokens``) tree decoding.
+
+    ``prefix_cells`` are prefix tokens counted from the prefix's end (1: its last): a prefix
+    shorter than the batch's longest is left-padded, so they are the same padded columns in
+    every row, and trie node j sits at padded position ``P + depth(j)`` as in a full
+    forward pass of the left-padded batch.
+    """
+    impl = getattr(vlm.model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
     dev = vlm.device
     enc = vlm.encode(images, split.prompts[0])
-    ids, am = enc["input_ids"], enc["attention_mask"]
-    own = len(split.paths[0])
-    P = ids.shape[1] - own  # padded prefix length
-    first = torch.tensor([split.node_ids[j] for j in split.paths[0]], device=ids.device)
-    offsets = P - am[:, :P].sum(1)  # left padding of each row
-    want = torch.tensor(split.prefix_ids, device=ids.device)
+    ids, am = enc["input_ids"], enc["attention_mask"].bool()
+    own = torch.tensor([split.node_ids[j] for j in split.paths[0]], device=ids.device)
+    P = ids.shape[1] - len(own)  # padded prefix length
+    offsets = am[:, :P].int().argmax(1).tolist()  # left padding of each row
+    spans, plen = [], []
     for b in range(ids.shape[0]):
-        if (P - int(offsets[b]) != split.prefix_len
-                or not torch.equal(ids[b, int(offsets[b]):P], want)
-                or not torch.equal(ids[b, P:], first)):
-            raise ConfigError(f"image {b} of the batch gives a different prefix (image tokens "
-                              f"{P - int(offsets[b])} tokens before the criterion, expected "
-                              f"{split.prefix_len}): shared-prefix capture needs the same "
-                              "number of image tokens for every image")
+        row = ids[b, offsets[b]:P].tolist()
+        start, stop = _image_block(vlm, row)
+        if (not torch.equal(ids[b, P:], own) or not bool(am[b, offsets[b]:].all())
+                or len(row) - stop != len(split.tail_tokens)):
+            raise ConfigError(f"image {b} of the batch does not give the shared prefix "
+                              f"followed by criterion {split.names[0]!r}'s tokens: "
+                              "shared-prefix capture needs the same text around every image")
+        spans.append((start, stop))
+        plen.append(len(row))
     gen = answer_tokens > 0
     # Without generation both passes stop after the deepest stream kept (the prefix's KV
     # cache is then filled up to that layer, all the trie pass reads).
-    stop = None if gen else stream[-1]
+    stop_at = None if gen else stream[-1]
+    image_mask = None
+    if vision and vlm.family.vision_feature == "image_tokens":
+        image_mask = (ids[:, :P] == vlm.image_token_id).to(dev)
     hooks = _StreamHooks(vlm, stream, vision)
     try:
-        pcols = (offsets[:, None] + torch.tensor(prefix_cells, dtype=torch.long,
-                                                 device=ids.device)[None]).to(dev)
+        pcols = (P - torch.tensor(prefix_cells, dtype=torch.long, device=dev))[None].expand(
+            ids.shape[0], -1)
         pre = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         # A cache of our own: an early stop leaves it filled, the model's would be lost.
         cache = DynamicCache(config=vlm.model.config.get_text_config())
-        _run(vlm, hooks, pcols if prefix_cells else None, stop,
-             input_ids=ids[:, :P], attention_mask=am[:, :P], past_key_values=cache,
-             use_cache=True, logits_to_keep=1, **pre)
-        prefix_states = hooks.states() if prefix_cells else None
+        _run(vlm, hooks, pcols if prefix_cells else None, stop_at, image_mask,
+             input_ids=ids[:, :P], attention_mask=enc["attention_mask"][:, :P],
+             past_key_values=cache, use_cache=True, logits_to_keep=1, **pre)
+        parts = [hooks.states()] if prefix_cells else []
         if vision and not hooks.pooled:
-            raise ModelError("the vision tower's hook did not fire in the prefix pass")
+            raise ModelError("the vision feature's hook did not fire in the prefix pass")
         pooled = hooks.pooled[0].detach().float() if vision else None
-        if not gen and not node_cells:
-            return _BatchOut(prefix_states, None, pooled, None, None)
-        B, n = ids.shape[0], split.n_nodes
-        vis_nodes = torch.cat([am[:, :P].bool()[:, None, :].expand(B, n, P).to(dev),
-                               split.visible().to(dev)[None].expand(B, n, n)], dim=2)
-        leaves = [p[-1] for p in split.paths]
-        node_pos = (P + split.depth).to(dev)
-        out = _run(vlm, hooks, torch.tensor(node_cells, device=dev)[None].expand(B, -1)
-                   if node_cells else None, stop,
-                   input_ids=torch.tensor(split.node_ids, device=dev)[None].expand(B, -1),
-                   attention_mask=_mask(vis_nodes, vlm.dtype, impl),
-                   position_ids=node_pos[None].expand(B, -1), past_key_values=cache,
-                   use_cache=True, logits_to_keep=torch.tensor(leaves, device=dev))
-        node_states = hooks.states() if node_cells else None
         answers = reasons = None
-        if gen:
-            hooks.arm(None, None)  # decoding keeps no states
-            answers, reasons = _tree_decode(vlm, cache, out.logits, vis_nodes[:, leaves],
-                                            node_pos[leaves] + 1, answer_tokens, impl)
+        if gen or node_cells:
+            B, n = ids.shape[0], split.n_nodes
+            vis_nodes = torch.cat([am[:, :P][:, None, :].expand(B, n, P).to(dev),
+                                   split.visible().to(dev)[None].expand(B, n, n)], dim=2)
+            leaves = [p[-1] for p in split.paths]
+            node_pos = (P + split.depth).to(dev)
+            out = _run(vlm, hooks, torch.tensor(node_cells, device=dev)[None].expand(B, -1)
+                       if node_cells else None, stop_at,
+                       input_ids=torch.tensor(split.node_ids, device=dev)[None].expand(B, -1),
+                       attention_mask=_mask(vis_nodes, vlm.dtype, impl),
+                       position_ids=node_pos[None].expand(B, -1), past_key_values=cache,
+                       use_cache=True, logits_to_keep=torch.tensor(leaves, device=dev))
+            if node_cells:
+                parts.append(hooks.states())
+            if gen:
+                hooks.arm(None, None)  # decoding keeps no states
+                answers, reasons = _tree_decode(vlm, cache, out.logits, vis_nodes[:, leaves],
+                                                node_pos[leaves] + 1, answer_tokens, impl)
     finally:
         hooks.close()
-    return _BatchOut(prefix_states, node_states, pooled, answers, reasons)
+    return _BatchOut(torch.cat(parts, dim=2) if parts else None, plen, spans, pooled,
+                     answers, reasons)
 
 
 def stop_token_ids(vlm: VLM) -> set[int]:
@@ -374,23 +420,15 @@ def stop_token_ids(vlm: VLM) -> set[int]:
     return out
 
 
-def _ends_answer(vlm: VLM, token_id: int, memo: dict[int, bool]) -> bool:
-    """Does this token end the answer's first sentence or line?"""
-    if token_id not in memo:
-        text = vlm.tokenizer.decode([token_id])
-        memo[token_id] = "\n" in text or text.strip().endswith(_SENTENCE_END)
-    return memo[token_id]
-
-
 def _tree_decode(vlm: VLM, cache, logits: torch.Tensor, visible: torch.Tensor,
                  next_pos: torch.Tensor, cap: int, impl: str):
     """Greedy answers of every criterion, one row per image and one token per criterion per
-    step. ``logits`` [B, K, V] at each criterion's last token, ``visible`` [B, K, kv] the
+    step, as :meth:`~esmc_lens.models.vlm.VLM.generate` gives them (the same stop rule and
+    cut). ``logits`` [B, K, V] at each criterion's last token, ``visible`` [B, K, kv] the
     keys its first answer token sees, ``next_pos`` [K] that token's position."""
     B, K = logits.shape[:2]
     eos = stop_token_ids(vlm)
-    memo: dict[int, bool] = {}
-    answers = [[[] for _ in range(K)] for _ in range(B)]
+    tokens = [[[] for _ in range(K)] for _ in range(B)]
     reasons = [["cap"] * K for _ in range(B)]
     done = torch.zeros(B, K, dtype=torch.bool)
     own = torch.eye(K, dtype=torch.bool, device=visible.device)[None].expand(B, K, K)
@@ -399,10 +437,12 @@ def _tree_decode(vlm: VLM, cache, logits: torch.Tensor, visible: torch.Tensor,
         nxt = logits.argmax(-1)  # [B, K]
         for b, c in (~done).nonzero().tolist():
             t = int(nxt[b, c])
-            answers[b][c].append(t)
             if t in eos:
                 reasons[b][c], done[b, c] = "eos", True
-            elif _ends_answer(vlm, t, memo):
+                continue
+            tokens[b][c].append(t)
+            text = vlm.tokenizer.decode(tokens[b][c], skip_special_tokens=True)
+            if any(s in text for s in SENTENCE_END):
                 reasons[b][c], done[b, c] = "end", True
         if bool(done.all()) or step == cap - 1:
             break
@@ -412,6 +452,8 @@ def _tree_decode(vlm: VLM, cache, logits: torch.Tensor, visible: torch.Tensor,
                             position_ids=(next_pos + step)[None].expand(B, -1),
                             past_key_values=cache, use_cache=True)
         logits = out.logits
+    answers = [[first_sentence(vlm.tokenizer.decode(t, skip_special_tokens=True))
+                for t in row] for row in tokens]
     return answers, reasons
 
 
@@ -425,8 +467,8 @@ class CriteriaCapture:
     ``caches[name]`` is the :class:`~esmc_lens.residual.cache.ResidualCache` that
     ``capture(vlm, images, prompt, positions=..., layers=..., keywords=...)`` gives that
     criterion (within ``SHARED_PREFIX_RTOL``); ``answers[name]`` its generated answers (one
-    per image) and ``answer_stops[name]`` why each stopped ("eos", "end" of the first
-    sentence or line, "cap").
+    per image, what ``vlm.generate`` gives) and ``answer_stops[name]`` why each stopped
+    ("eos", "end" of its first sentence or line, "cap").
     """
 
     split: CriteriaPrompts
@@ -441,26 +483,26 @@ class CriteriaCapture:
 
 
 def _positions(split: CriteriaPrompts, positions) -> list[list[int]]:
-    """Sequence indices to keep of each criterion: "prompt" (after the image), or a mapping
-    name -> list of indices (negative from the end)."""
+    """Each criterion's kept tokens, counted from the end (-1: the last): "prompt" (every
+    token after the image block), or a mapping name -> negative indices."""
     out = []
     for c, name in enumerate(split.names):
-        n = split.seq_len(c)
+        n = split.prompt_len(c)
         if isinstance(positions, str):
             if positions != "prompt":
                 raise ConfigError(f"positions={positions!r}: use 'prompt' or a mapping "
-                                  "criterion -> list of sequence indices")
-            out.append(list(range(split.image_span[1], n)))
+                                  "criterion -> positions counted from the end (-1: the last)")
+            out.append(list(range(-n, 0)))
             continue
         if not isinstance(positions, Mapping) or name not in positions:
             raise ConfigError(f"positions has no entry for criterion {name!r}: give 'prompt' "
                               "or a mapping with every criterion")
         idx = [int(p) for p in positions[name]]
-        bad = [p for p in idx if not -n <= p < n]
+        bad = [p for p in idx if not -n <= p < 0]
         if bad or not idx:
-            raise ConfigError(f"positions {bad or idx} of criterion {name!r}: give indices "
-                              f"inside its {n}-token input")
-        out.append([p % n for p in idx])
+            raise ConfigError(f"positions {bad or idx} of criterion {name!r}: give tokens "
+                              f"after the image, counted from the end (-1 .. -{n})")
+        out.append(idx)
     return out
 
 
@@ -486,13 +528,14 @@ def capture_criteria(
     Parameters
     ----------
     prompts : ``{name: prompt}`` (or one prompt, or a list).
-    positions : "prompt" (every token after the image, each criterion's own) or a mapping
-        name -> sequence indices of that criterion's input.
+    positions : "prompt" (every token after the image block, each criterion's own) or a
+        mapping name -> tokens counted from the end (-1: the last).
     layers : stream indices to keep (0 = embeddings); default all.
     keywords : name -> keywords whose lens probabilities to compute at that criterion's cells
         (a cell shared by several criteria is read by the lens once).
     answer_tokens : generate each criterion's answer from the same prefill, at most this many
-        tokens (0: no generation).
+        tokens (0: no generation; :data:`~esmc_lens.models.vlm.ANSWER_MAX_TOKENS` is what
+        ``vlm.generate`` allows).
     split : a :func:`split_criteria` of the same prompts, to skip recomputing it.
     Other arguments as :func:`~esmc_lens.residual.capture.capture`.
     """
@@ -541,23 +584,23 @@ def capture_criteria(
         idx = list(range(start, min(start + batch_size, source.n)))
         out = _shared_batch(vlm, split, [source.load(i) for i in idx], stream, prefix_cells,
                             node_cells, vision, answer_tokens)
-        both = [t for t in (out.prefix, out.nodes) if t is not None]
-        states = torch.cat(both, dim=2)  # [B, S, distinct cells, d]
         r = None
         if unembed is not None:
-            r = readout(states, unembed, groups, top_k, chunk=chunk, workspace=workspace)
+            r = readout(out.states, unembed, groups, top_k, chunk=chunk, workspace=workspace)
+        span = torch.tensor(out.image_span, dtype=torch.long)
         for c, name in enumerate(split.names):
             sel = torch.tensor([col[x] for x in cells[c]], dtype=torch.long)
-            toks = split.tokens(c)
+            toks = split.prompt_tokens(c)
+            n = split.prompt_len(c)
+            seq_len = torch.tensor(out.prefix_len) + len(split.paths[c])  # [B]
             kwp = None
             if r is not None and name in group_of:
                 kwp = r.keyword_probs[:, :, sel][..., group_of[name]]
             parts[name].append(ResidualCache(
-                states=states[:, :, sel.to(states.device)].to(store_dtype).cpu(),
-                positions=torch.tensor(keep[c], dtype=torch.long)[None].repeat(len(idx), 1),
-                tokens=[[toks[p] for p in keep[c]] for _ in idx],
-                image_span=torch.tensor([split.image_span] * len(idx), dtype=torch.long),
-                stream=list(stream), image_ids=[source.ids[i] for i in idx],
+                states=out.states[:, :, sel.to(out.states.device)].to(store_dtype).cpu(),
+                positions=seq_len[:, None] + torch.tensor(keep[c], dtype=torch.long)[None],
+                tokens=[[toks[n + p] for p in keep[c]] for _ in idx],
+                image_span=span, stream=list(stream), image_ids=[source.ids[i] for i in idx],
                 prompts=[split.prompts[c]] * len(idx),
                 vision=out.vision.cpu() if vision else None,
                 keywords=kw_tokens[name].keywords if name in kw_tokens else None,
@@ -565,10 +608,8 @@ def capture_criteria(
                 top_ids=r.top_ids[:, :, sel] if (r is not None and top_k) else None,
                 top_probs=r.top_probs[:, :, sel] if (r is not None and top_k) else None))
             if answers is not None:
-                for b in range(len(idx)):
-                    answers[name].append(vlm.tokenizer.decode(
-                        out.answers[b][c], skip_special_tokens=True).strip())
-                    stops[name].append(out.reasons[b][c])
+                answers[name].extend(row[c] for row in out.answers)
+                stops[name].extend(row[c] for row in out.reasons)
     base = {k: v for k, v in vlm.metadata().items() if k != "chat_template"}
     caches = {}
     for c, name in enumerate(split.names):
