@@ -131,7 +131,17 @@ def test_bench_report_definitions(tiny_vlm, tmp_path):
     assert rep["memory_ratio"] == pytest.approx(naive / rep["bytes_per_image"])
     assert set(rep["peak_rss_mb"]) == {"forward", "capture", "capture_states", "naive", "head"}
     assert set(rep["targets"]) == {"capture_over_forward", "speedup_vs_naive", "memory_ratio",
-                                   "head_over_kmeans"}
+                                   "head_over_kmeans", "esmc_over_forward_k1",
+                                   "run_over_forward_k1", "esmc_over_forward_k3",
+                                   "run_over_forward_k3"}
+    # the whole run against one bare forward over the same images, in one round
+    t = rep["run_times_s"]
+    assert len(t["forward"]) == 2 and rep["forward_s"] == pytest.approx(
+        sorted(t["forward"])[0] / 2 + sorted(t["forward"])[1] / 2)
+    for k in (1, 3):
+        for what in ("esmc", "run"):
+            ratio = t[f"{what}_k{k}"][0] / (sum(t["forward"]) / 2)
+            assert rep[f"{what}_over_forward_k{k}"] == pytest.approx(ratio), (what, k)
     assert torch.get_num_threads() == threads  # --threads applies to the phases only
     json.dumps(rep)
 
