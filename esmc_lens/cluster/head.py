@@ -9,15 +9,19 @@
 4. Every sample is labelled by the argmax of the head.
 
 ``basis="span"`` (the default for more features than samples, e.g. |V| = 49,152-dim
-vocabulary vectors of a few hundred images) runs all of it in an orthonormal basis of the
-span of the n training rows (:class:`SpanBasis`): n coordinates that keep every distance
-and inner product, so k-means and the pseudo-labels are those of the |V|-dimensional
-vectors (to fp rounding), and an MLP on them has the same function class on the data as
-the paper's ``|V| -> 512`` layer (its first layer is ``W Q`` for the basis ``Q``). What
-differs is Adam's path: Adam scales each coordinate's step by that coordinate's own
-gradient history, so its trajectory depends on the axes (vocabulary tokens in |V| space,
-basis directions here); scores are compared in ``benchmarks/README.md``.
-``basis="features"`` is the paper's head on the raw axes.
+vocabulary vectors of a few hundred images) works in the span of the n training rows,
+which holds every one of them: k-means runs on their coordinates in an orthonormal basis
+of it (:class:`SpanBasis`; every distance kept, so the partition and the pseudo-labels are
+those of the |V|-dimensional vectors, to fp rounding), and the MLP's first layer reads each
+row's inner products with the n training rows (``S = Z Z^T``, scaled to the rows' L1 mass)
+through ``W''``: ``W'' Z`` is a |V|-wide first layer, so on the data the function class is
+the paper's ``|V| -> 512 -> K``, and the first layer starts as the paper's would (the same
+distribution of functions). What cannot be carried over is Adam's path: Adam scales each
+coordinate's step by that coordinate's own gradient history, so its trajectory depends on
+the axes (vocabulary tokens in the paper's head; training rows here), and no n-dimensional
+form follows the |V| axes' trajectory exactly. The two heads' scores are compared in
+``benchmarks/README.md`` (they differ by more than seed noise on some criteria).
+``basis="features"`` is the paper's head on the raw axes (|V| x 512 weights, Adam on them).
 
 The published code picks pseudo-labels by distance to ``centroids[true_labels]`` and
 reports the best epoch judged against the ground truth; both leak labels and are not done
@@ -133,6 +137,7 @@ class SpanBasis:
         self.coords = U * root
         self.projection = Z.astype(np.float32, copy=False).T @ (U / root).astype(np.float32)
         self.sq_norms = np.einsum("ij,ij->i", self.coords, self.coords)
+        self.l1_norms = np.abs(Z).sum(axis=1, dtype=np.float64)  # [n]
         self.n_features = Z.shape[1]
 
     @property
@@ -223,8 +228,10 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         The factor applied to the (standardised) features: ~1 / RMS, a power of two, if
         ``rescale``, else 1.
     span_ : SpanBasis
-        The basis the head ran in (only with ``basis="span"``, or "auto" choosing it); the
-        MLP's input is ``span_.transform`` of the transformed features.
+        The basis k-means ran in (only with ``basis="span"``, or "auto" choosing it).
+    similarity_scale_ : float
+        With ``span_``: the MLP reads ``span_.transform(Z) @ span_.coords.T /
+        similarity_scale_`` (inner products with the training rows, at their L1 mass).
     """
 
     def __init__(
@@ -337,7 +344,8 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
             Z = Z * np.asarray(self.input_scale_, dtype=Z.dtype)
 
         fan_in = None
-        self.__dict__.pop("span_", None)
+        for name in ("span_", "similarity_scale_"):
+            self.__dict__.pop(name, None)
         if self.basis == "span" or (self.basis == "auto" and Z.shape[1] > n_samples):
             if span is not None and not span.matches(Z):
                 raise ValueError("span= was built from other features: pass the span_ of a "
@@ -357,15 +365,34 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
 
         device = torch.device(self.device)
         generator = torch.Generator(device="cpu").manual_seed(torch_seed)
+        if fan_in is not None:
+            # The MLP reads each row's similarity to the n training rows (module doc).
+            sim = Z @ Z.T
+            self.similarity_scale_ = float(np.abs(sim).sum(1).mean()
+                                           / max(float(self.span_.l1_norms.mean()), 1e-300))
+        in_dim = Z.shape[1] if fan_in is None else n_samples
         # nn.Linear's constructor draws its default init from the global RNG; fork it so
         # the caller's RNG stream is untouched, then re-draw from the local generator.
         with torch.random.fork_rng(devices=[]):
             head = nn.Sequential(
-                nn.Linear(Z.shape[1], self.hidden_dim),
+                nn.Linear(in_dim, self.hidden_dim),
                 nn.ReLU(),
                 nn.Linear(self.hidden_dim, self.n_clusters),
             )
-        _init_linear(head[0], generator, fan_in)
+            first = nn.Linear(Z.shape[1], self.hidden_dim) if fan_in is not None else None
+        if first is None:
+            _init_linear(head[0], generator)
+        else:
+            # W on the span coordinates, initialised as the paper's n_features-input layer
+            # (U(+-1/sqrt(n_features)): W Q of such a layer has entries of that variance),
+            # then carried over to the similarities S = C C^T / scale as W'' = scale W C^+,
+            # so that W'' S = W C: the same function at init.
+            _init_linear(first, generator, fan_in)
+            w = first.weight.detach().double().numpy() @ np.linalg.pinv(Z)
+            with torch.no_grad():
+                head[0].weight.copy_(torch.from_numpy(w * self.similarity_scale_))
+                head[0].bias.copy_(first.bias)
+            Z = sim / self.similarity_scale_
         _init_linear(head[2], generator)
         head = head.to(device=device, dtype=torch.float32)
 
@@ -419,7 +446,10 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         coordinates (a row's part outside the training span is dropped: in the paper's
         head it meets only the untrained initial weights)."""
         Z = self._transform(X)
-        return self.span_.transform(Z) if hasattr(self, "span_") else Z
+        if not hasattr(self, "span_"):
+            return Z
+        return (self.span_.transform(Z) @ self.span_.coords.T.astype(np.float32)
+                / np.float32(self.similarity_scale_))
 
     def _logits(self, Z: np.ndarray) -> np.ndarray:
         """Head outputs for already-transformed inputs, shape (n, n_clusters), float32."""
