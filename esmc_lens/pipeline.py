@@ -201,13 +201,20 @@ def localize_criteria(vlm: VLM, images, criteria: list[Criterion],
     for c in criteria:
         cache = cap(vlm, imgs, c.prompt, keywords=keywords[c.name].words,
                     batch_size=batch_size, image_ids=ids, progress=progress)
-        check_finite(cache.keyword_probs.reshape(len(cache), -1).numpy(), cache.image_ids,
-                     "lens keyword probabilities")
-        loc = localize(cache, tau=tau, n_samples=len(sample), seed=seed)
-        if loc.message:
-            warnings.warn(f"{c.name or c.prompt!r}: {loc.message}", EsmcWarning, stacklevel=2)
-        out[c.name] = (cache, loc)
+        out[c.name] = (cache, _localize_checked(cache, c, tau, len(sample), seed))
     return out
+
+
+def _localize_checked(cache: ResidualCache, c: Criterion, tau: float, n_samples: int,
+                      seed: int) -> Localization:
+    """Algorithm 1 on a localization cache, after checking its lens readout is finite; a
+    weak or absent vote is a warning naming the criterion."""
+    check_finite(cache.keyword_probs.reshape(len(cache), -1).numpy(), cache.image_ids,
+                 "lens keyword probabilities")
+    loc = localize(cache, tau=tau, n_samples=n_samples, seed=seed)
+    if loc.message:
+        warnings.warn(f"{c.name or c.prompt!r}: {loc.message}", EsmcWarning, stacklevel=3)
+    return loc
 
 
 # -- stage 3: target embeddings ---------------------------------------------------------
@@ -347,11 +354,7 @@ def shared_pass(vlm: VLM, images, criteria: list[Criterion],
     localized, tails = {}, {}
     for c in criteria:
         cache = loc_cc.caches[key[c.name]]
-        check_finite(cache.keyword_probs.reshape(len(cache), -1).numpy(), cache.image_ids,
-                     "lens keyword probabilities")
-        loc = localize(cache, tau=tau, n_samples=len(sample), seed=seed)
-        if loc.message:
-            warnings.warn(f"{c.name or c.prompt!r}: {loc.message}", EsmcWarning, stacklevel=2)
+        loc = _localize_checked(cache, c, tau, len(sample), seed)
         localized[c.name] = (cache, loc)
         tails[c.name] = target_tail_positions(cache, loc.targets)
     stream = sorted({s for c in criteria for s, _ in localized[c.name][1].targets})
