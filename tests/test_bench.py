@@ -115,7 +115,7 @@ def test_bench_report_definitions(tiny_vlm, tmp_path):
     rep = run_bench(model="tiny", n_images=4, batch_size=2, n_naive=2, repeats=1, rounds=1,
                     n_clusters=2, threads=1, inline=True, workdir=str(tmp_path))
     for key in ("forward_ips", "capture_ips", "capture_states_ips", "naive_ips",
-                "head_fit_s", "kmeans_fit_s"):
+                "head_fit_s", "head_features_fit_s", "kmeans_fit_s"):
         assert rep[key] > 0, key
     assert rep["capture_over_forward"] == pytest.approx(rep["capture_ips"] / rep["forward_ips"])
     assert rep["speedup_vs_naive"] == pytest.approx(rep["capture_ips"] / rep["naive_ips"])

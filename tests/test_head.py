@@ -292,6 +292,15 @@ def test_span_basis_keeps_distances_and_projects_rows() -> None:
     np.testing.assert_allclose(b.transform(Z), b.coords, rtol=0, atol=1e-4)
     np.testing.assert_allclose(b.projection.T @ b.projection, np.eye(11), atol=1e-5)
     assert b.matches(Z) and not b.matches(Z[:, ::-1].copy()) and not b.matches(Z[:5])
+    # Directions of eigenvalue 1e-12 of the largest (the flower embeddings have such): the
+    # projection onto them must still reproduce the coordinates.
+    U, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+    V, _ = np.linalg.qr(rng.normal(size=(2000, 40)))
+    W = ((U * np.logspace(0, -6, 40)) @ V.T).astype(np.float32)
+    wide = SpanBasis(W)
+    assert wide.rank == 40 and wide.matches(W)
+    err = np.abs(wide.transform(W) - wide.coords).max()
+    assert err <= 1e-5 * np.sqrt(wide.sq_norms.max()), err
 
 
 def test_span_head_runs_kmeans_and_pseudo_labels_of_the_features(wide) -> None:

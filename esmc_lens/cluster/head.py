@@ -123,7 +123,7 @@ class SpanBasis:
     was built from, to fp rounding). Distances and inner products of the rows are kept:
     ``coords`` come from the eigendecomposition of the float64 Gram matrix ``Z Z^T``
     (``U sqrt(L)``), directions with eigenvalues below ``n * eps * max`` dropped, so
-    ``r <= min(n, d)``. Cost: one n x d x n product and one d x n x r product.
+    ``r <= min(n, d)``. Cost: two float64 products, n x d x n and d x n x r.
     """
 
     def __init__(self, Z: np.ndarray) -> None:
@@ -135,7 +135,9 @@ class SpanBasis:
         lam, U = lam[keep][::-1], U[:, keep][:, ::-1]
         root = np.sqrt(lam)
         self.coords = U * root
-        self.projection = Z.astype(np.float32, copy=False).T @ (U / root).astype(np.float32)
+        # In float64: a direction of small eigenvalue is divided by its small root, which
+        # float32 rounding of the product would not survive.
+        self.projection = (Z64.T @ (U / root)).astype(np.float32)
         self.sq_norms = np.einsum("ij,ij->i", self.coords, self.coords)
         self.l1_norms = np.abs(Z).sum(axis=1, dtype=np.float64)  # [n]
         self.n_features = Z.shape[1]
