@@ -34,6 +34,9 @@ def main() -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="device of the head (cpu, cuda)")
+    p.add_argument("--basis", default="features", choices=["features", "span", "auto"],
+                   help="PseudoLabelHead(basis=...): 'features' (default here) is the paper's "
+                        "|V|-space head these figures were first taken with")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -44,12 +47,14 @@ def main() -> int:
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         X = features(n, args.dim, args.k)
-        PseudoLabelHead(n_clusters=args.k, epochs=2, random_state=0, device=args.device).fit(X)
+        PseudoLabelHead(n_clusters=args.k, epochs=2, random_state=0, device=args.device,
+                        basis=args.basis).fit(X)
         t = time.perf_counter()
         KMeans(n_clusters=args.k, n_init=10, random_state=0).fit(X)
         km = time.perf_counter() - t
         t = time.perf_counter()
-        PseudoLabelHead(n_clusters=args.k, random_state=0, device=args.device).fit(X)
+        PseudoLabelHead(n_clusters=args.k, random_state=0, device=args.device,
+                        basis=args.basis).fit(X)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         head = time.perf_counter() - t
@@ -60,7 +65,8 @@ def main() -> int:
                   flush=True)
     if args.json:
         print(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                          "threads": args.threads, "device": args.device, "rows": rows},
+                          "threads": args.threads, "device": args.device,
+                          "basis": args.basis, "rows": rows},
                          indent=1))
     return 0
 

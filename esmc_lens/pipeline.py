@@ -80,6 +80,7 @@ __all__ = [
     "localize_criteria",
     "run_esmc",
     "select_keywords",
+    "shared_pass",
     "target_tail_positions",
 ]
 
@@ -200,13 +201,20 @@ def localize_criteria(vlm: VLM, images, criteria: list[Criterion],
     for c in criteria:
         cache = cap(vlm, imgs, c.prompt, keywords=keywords[c.name].words,
                     batch_size=batch_size, image_ids=ids, progress=progress)
-        check_finite(cache.keyword_probs.reshape(len(cache), -1).numpy(), cache.image_ids,
-                     "lens keyword probabilities")
-        loc = localize(cache, tau=tau, n_samples=len(sample), seed=seed)
-        if loc.message:
-            warnings.warn(f"{c.name or c.prompt!r}: {loc.message}", EsmcWarning, stacklevel=2)
-        out[c.name] = (cache, loc)
+        out[c.name] = (cache, _localize_checked(cache, c, tau, len(sample), seed))
     return out
+
+
+def _localize_checked(cache: ResidualCache, c: Criterion, tau: float, n_samples: int,
+                      seed: int) -> Localization:
+    """Algorithm 1 on a localization cache, after checking its lens readout is finite; a
+    weak or absent vote is a warning naming the criterion."""
+    check_finite(cache.keyword_probs.reshape(len(cache), -1).numpy(), cache.image_ids,
+                 "lens keyword probabilities")
+    loc = localize(cache, tau=tau, n_samples=n_samples, seed=seed)
+    if loc.message:
+        warnings.warn(f"{c.name or c.prompt!r}: {loc.message}", EsmcWarning, stacklevel=3)
+    return loc
 
 
 # -- stage 3: target embeddings ---------------------------------------------------------
@@ -302,12 +310,101 @@ def generate_answers(vlm: VLM, images, prompt: str, batch_size: int = 8,
     return answers
 
 
+# -- stages 2, 3 and the answers in one pass over the images -----------------------------
+
+
+def _cells(cache: ResidualCache, stream: list[int], tail: list[int]) -> ResidualCache:
+    """``cache`` (every prompt position of one prompt) at ``stream`` and the positions
+    ``tail`` counted from the end only: what a target capture of those cells gives."""
+    s_idx = [cache.stream_index(s) for s in stream]
+    slots = [cache.n_positions + t for t in tail]  # one prompt: the same slots in every row
+    return ResidualCache(
+        states=cache.states[:, s_idx][:, :, slots], positions=cache.positions[:, slots],
+        tokens=[[row[j] for j in slots] for row in cache.tokens], image_span=cache.image_span,
+        stream=list(stream), image_ids=list(cache.image_ids), prompts=list(cache.prompts),
+        meta=dict(cache.meta), vision=cache.vision)
+
+
+def shared_pass(vlm: VLM, images, criteria: list[Criterion],
+                keywords: Mapping[str | None, Keywords], sample: np.ndarray, *,
+                tau: float = 0.2, seed: int = 0, space: str = "probs", batch_size: int = 8,
+                vision: bool = True, answers: bool = True, progress: bool = True,
+                timings: dict[str, float] | None = None):
+    """Stages 2 and 3 and the Output baseline's answers, every criterion, each image passed
+    through the model once (:mod:`~esmc_lens.residual.shared_prefix`).
+
+    The sampled images run first, at every layer and prompt position with each criterion's
+    keyword lens (Algorithm 1 picks every target from them); the others then run at the
+    targets' cells only; both passes generate the answers from the same prefill. Returns
+    ``(localized, embedded, answers)`` as :func:`localize_criteria`,
+    :func:`embed_criteria` and :func:`generate_answers` per criterion would. ``timings``, if
+    given, receives the seconds of the sampled images' pass (``"localize"``) and of the
+    others' (``"capture"``), the answers' generation included in both.
+    """
+    t0 = time.perf_counter()
+    from .models.vlm import ANSWER_MAX_TOKENS
+    from .residual.shared_prefix import capture_criteria, split_criteria
+
+    source = ImageSource.of(images)
+    key = {c.name: c.name if c.name is not None else "criterion" for c in criteria}
+    prompts = {key[c.name]: c.prompt for c in criteria}
+    split = split_criteria(vlm, prompts, source.load(int(sample[0])))
+    cap = ANSWER_MAX_TOKENS if answers else 0
+    common = dict(split=split, vision=vision, answer_tokens=cap, batch_size=batch_size,
+                  store_dtype=torch.float32, progress=progress)
+    loc_cc = capture_criteria(vlm, [source.load(int(i)) for i in sample], prompts,
+                              keywords={key[c.name]: keywords[c.name].words for c in criteria},
+                              image_ids=[source.ids[int(i)] for i in sample], **common)
+    localized, tails = {}, {}
+    for c in criteria:
+        cache = loc_cc.caches[key[c.name]]
+        loc = _localize_checked(cache, c, tau, len(sample), seed)
+        localized[c.name] = (cache, loc)
+        tails[c.name] = target_tail_positions(cache, loc.targets)
+    stream = sorted({s for c in criteria for s, _ in localized[c.name][1].targets})
+    t1 = time.perf_counter()
+    rest = np.setdiff1d(np.arange(source.n), sample)
+    rest_cc = None
+    if rest.size:
+        rest_cc = capture_criteria(
+            vlm, ImageSource(int(rest.size), [source.ids[int(i)] for i in rest],
+                             lambda j: source.load(int(rest[j]))),
+            prompts, positions={key[c.name]: tails[c.name][0] for c in criteria},
+            layers=stream, **common)
+    if timings is not None:
+        timings.update(localize=t1 - t0, capture=time.perf_counter() - t1)
+    order = np.argsort(np.concatenate([sample, rest]), kind="stable")  # back to input order
+    unembed = Unembed.from_model(vlm)
+    embedded, answer_lists = {}, {}
+    for c in criteria:
+        loc_cache, loc = localized[c.name]
+        tail, slots = tails[c.name]
+        parts = [_cells(loc_cache, stream, tail)]
+        got = [loc_cc.answers[key[c.name]]] if answers else []
+        if rest_cc is not None:
+            parts.append(rest_cc.caches[key[c.name]])
+            got += [rest_cc.answers[key[c.name]]] if answers else []
+        cache = ResidualCache.concat(parts).select(order)
+        cache.meta = dict(rest_cc.caches[key[c.name]].meta if rest_cc else loc_cache.meta)
+        X = target_embeddings(cache, slots, space=space, unembed=unembed)
+        check_finite(X, cache.image_ids, "target embeddings")
+        vocab = (X if space != "hidden" else
+                 target_embeddings(cache, slots[:1], "logits", unembed))[:, :unembed.vocab_size]
+        embedded[c.name] = CriterionEmbedding(X, vocab, [(s, tail[j]) for s, j in slots],
+                                              target_labels(loc_cache, loc.targets), cache)
+        if answers:
+            flat = [a for part in got for a in part]
+            answer_lists[c.name] = [flat[i] for i in order]
+    return localized, embedded, (answer_lists if answers else None)
+
+
 # -- stage 4: clustering -----------------------------------------------------------------
 
 
 def cluster_criterion(X: np.ndarray, y: np.ndarray | None, n_clusters: int, *, alpha: float,
                       seeds: Sequence[int], epochs: int = 100, head_lr: float = 1e-3,
-                      baselines: bool = True, answers: Sequence[str] | None = None,
+                      head_basis: str = "auto", baselines: bool = True,
+                      answers: Sequence[str] | None = None,
                       vision: ResidualCache | None = None, progress: bool = True
                       ) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
     """``({method: per-seed scores}, labels [n_images] of the first seed)``.
@@ -321,14 +418,18 @@ def cluster_criterion(X: np.ndarray, y: np.ndarray | None, n_clusters: int, *, a
     y_eval = y if y is not None else np.zeros(X.shape[0], dtype=int)
     per_seed: dict[str, pd.DataFrame] = {}
     df, labels = head_scores(X, y_eval, n_clusters, alpha, seeds=seeds, return_labels=True,
-                             epochs=epochs, lr=head_lr, progress=progress)
+                             epochs=epochs, lr=head_lr, basis=head_basis, progress=progress)
     per_seed["ESMC"] = df
     if baselines and y is not None:
-        per_seed["ESMC w/o head"] = kmeans_scores(X, y, n_clusters, seeds=seeds)
+        bar = (lambda name: f"{name} (seeds)") if progress else (lambda name: False)
+        per_seed["ESMC w/o head"] = kmeans_scores(X, y, n_clusters, seeds=seeds,
+                                                  progress=bar("k-means"))
         if answers is not None:
-            per_seed["Output"] = output_baseline(list(answers), y, n_clusters, seeds=seeds)
+            per_seed["Output"] = output_baseline(list(answers), y, n_clusters, seeds=seeds,
+                                                 progress=bar("Output"))
         if vision is not None and vision.vision is not None:
-            per_seed.update(vision_baselines(vision, y, n_clusters, seeds=seeds))
+            per_seed.update(vision_baselines(vision, y, n_clusters, seeds=seeds,
+                                             progress=bar("vision only")))
     return per_seed, np.asarray(labels[0])
 
 
@@ -354,6 +455,7 @@ def run_esmc(
     n_seeds: int = 10,
     epochs: int = 100,
     head_lr: float = 1e-3,
+    head_basis: str = "auto",
     baselines: bool = True,
     batch_size: int = 8,
     progress: bool = True,
@@ -368,6 +470,13 @@ def run_esmc(
     classes when labels exist (a mapping gives one per criterion). ``keywords``: a list, or
     a mapping criterion name -> list; none: the LM's (``keyword_source="auto"``).
     ``cache_dir``: keep the captures on disk there, so an interrupted run resumes.
+    ``head_basis``: where the head runs (:class:`~esmc_lens.cluster.head.PseudoLabelHead`'s
+    ``basis``; "features" is the paper's |V|-space head).
+
+    Every criterion is captured in one pass over the images (:func:`shared_pass`), the
+    answers of the Output baseline generated from the same prefill, unless the model's family
+    cannot share a prefix or ``cache_dir`` is set: then each criterion has its own captures
+    and ``generate`` (``settings["one_pass_why_not"]`` says which).
     """
     check_api_inputs(vlm, images, prompt, criterion=criterion, y_true=y_true,
                      class_names=class_names, keywords=keywords, keyword_source=keyword_source,
@@ -401,17 +510,31 @@ def run_esmc(
     kws = select_keywords(vlm, criteria, keywords, images, keyword_source)
     t_kw = time.perf_counter() - t0
 
-    t = time.perf_counter()
     sample = localization_sample(source.n, n_samples, seed)
-    localized = localize_criteria(vlm, images, criteria, kws, sample, tau=tau, seed=seed,
-                                  batch_size=batch_size, cache_dir=cache_dir,
-                                  progress=progress)
-    t_loc = time.perf_counter() - t
+    want_answers = baselines and any(labels_of[c.name][0] is not None for c in criteria)
+    # One pass over the images for every criterion, unless the model cannot share a prefix
+    # or the captures are to be kept on disk (the per-criterion path resumes from there).
+    from .residual.shared_prefix import shares_prefix
+
+    why_not = "cache_dir is set" if cache_dir is not None else shares_prefix(vlm)
     t = time.perf_counter()
-    embedded = embed_criteria(vlm, images, criteria, localized, space=space,
-                              batch_size=batch_size, vision=baselines, cache_dir=cache_dir,
-                              progress=progress)
-    t_emb = time.perf_counter() - t
+    if why_not is None:
+        split_t: dict[str, float] = {}
+        localized, embedded, shared_answers = shared_pass(
+            vlm, images, criteria, kws, sample, tau=tau, seed=seed, space=space,
+            batch_size=batch_size, vision=baselines, answers=want_answers,
+            progress=progress, timings=split_t)
+        t_loc, t_emb = split_t["localize"], split_t["capture"]
+    else:
+        localized = localize_criteria(vlm, images, criteria, kws, sample, tau=tau, seed=seed,
+                                      batch_size=batch_size, cache_dir=cache_dir,
+                                      progress=progress)
+        t_loc = time.perf_counter() - t
+        t = time.perf_counter()
+        embedded = embed_criteria(vlm, images, criteria, localized, space=space,
+                                  batch_size=batch_size, vision=baselines, cache_dir=cache_dir,
+                                  progress=progress)
+        t_emb = time.perf_counter() - t
 
     seeds = list(range(seed, seed + n_seeds))
     results = {}
@@ -419,13 +542,16 @@ def run_esmc(
         t = time.perf_counter()
         emb, (_, loc), kw = embedded[c.name], localized[c.name], kws[c.name]
         y, names = labels_of[c.name]
-        answers = (generate_answers(vlm, images, c.prompt, batch_size, progress)
-                   if baselines and y is not None else None)
+        answers = None
+        if baselines and y is not None:
+            answers = (shared_answers[c.name] if why_not is None else
+                       generate_answers(vlm, images, c.prompt, batch_size, progress))
         t_ans = time.perf_counter() - t
         t = time.perf_counter()
         per_seed, labels = cluster_criterion(
             emb.X, y, ks[c.name], alpha=alpha, seeds=seeds, epochs=epochs, head_lr=head_lr,
-            baselines=baselines, answers=answers, vision=emb.cache, progress=progress)
+            head_basis=head_basis, baselines=baselines, answers=answers, vision=emb.cache,
+            progress=progress)
         clusters = name_clusters(emb.vocab, labels, vlm.tokenizer, keywords=kw.words,
                                  keyword_groups=keyword_token_ids(vlm.tokenizer, kw.words),
                                  y_true=y, class_names=names)
@@ -436,13 +562,16 @@ def run_esmc(
             per_seed=per_seed, target=[tuple(x) for x in loc.targets],
             target_positions=emb.cells, target_labels=emb.labels, space=space, keywords=kw,
             localization=loc, y_true=y, class_names=names, answers=answers,
+            # one pass: "localize" is the whole pass (all criteria, answers included)
             timings={"keywords": t_kw / len(criteria), "localize": t_loc / len(criteria),
                      "capture": t_emb / len(criteria), "answers": t_ans,
                      "cluster": time.perf_counter() - t},
             settings={"n_clusters": ks[c.name], "alpha": alpha, "tau": tau,
                       "n_samples": n_samples, "seed": seed, "n_seeds": n_seeds,
                       "epochs": epochs, "head_lr": head_lr, "space": space,
-                      "keyword_source": keyword_source,
+                      "keyword_source": keyword_source, "head_basis": head_basis,
+                      # one pass over the images for all criteria, or why not
+                      "one_pass": why_not is None, "one_pass_why_not": why_not,
                       # dataset indices of the images Algorithm 1 sampled
                       "localization_sample": [int(sample[i]) for i in loc.sample]},
             meta={k: v for k, v in emb.cache.meta.items() if k != "chat_template"},

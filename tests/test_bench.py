@@ -115,7 +115,7 @@ def test_bench_report_definitions(tiny_vlm, tmp_path):
     rep = run_bench(model="tiny", n_images=4, batch_size=2, n_naive=2, repeats=1, rounds=1,
                     n_clusters=2, threads=1, inline=True, workdir=str(tmp_path))
     for key in ("forward_ips", "capture_ips", "capture_states_ips", "naive_ips",
-                "head_fit_s", "kmeans_fit_s"):
+                "head_fit_s", "head_features_fit_s", "kmeans_fit_s"):
         assert rep[key] > 0, key
     assert rep["capture_over_forward"] == pytest.approx(rep["capture_ips"] / rep["forward_ips"])
     assert rep["speedup_vs_naive"] == pytest.approx(rep["capture_ips"] / rep["naive_ips"])
@@ -130,8 +130,19 @@ def test_bench_report_definitions(tiny_vlm, tmp_path):
     assert rep["naive_bytes_per_image"] == naive
     assert rep["memory_ratio"] == pytest.approx(naive / rep["bytes_per_image"])
     assert set(rep["peak_rss_mb"]) == {"forward", "capture", "capture_states", "naive", "head"}
+    ratios = {f"{w}_over_forward_k{k}{c}" for w in ("esmc", "run") for k in (1, 3)
+              for c in ("", "_cpu")}
     assert set(rep["targets"]) == {"capture_over_forward", "speedup_vs_naive", "memory_ratio",
-                                   "head_over_kmeans"}
+                                   "head_over_kmeans", *ratios}
+    # the whole run against one bare forward over the same images, in one round
+    for clock, suffix in (("wall", ""), ("cpu", "_cpu")):
+        t = rep["run_times_s"][clock]
+        assert len(t["forward"]) == 2 and all(x > 0 for x in t["forward"])
+        for k in (1, 3):
+            for what in ("esmc", "run"):
+                ratio = t[f"{what}_k{k}"][0] / (sum(t["forward"]) / 2)
+                assert rep[f"{what}_over_forward_k{k}{suffix}"] == pytest.approx(ratio)
+    assert rep["forward_s"] == pytest.approx(sum(rep["run_times_s"]["wall"]["forward"]) / 2)
     assert torch.get_num_threads() == threads  # --threads applies to the phases only
     json.dumps(rep)
 
@@ -164,7 +175,7 @@ def test_head_fit_loop_is_bit_identical_to_the_autograd_loop(batch_size):
     rng = np.random.default_rng(0)
     X = (rng.normal(size=(60, 300)) + np.repeat(np.eye(3, 300) * 4, 20, 0)).astype(np.float32)
     est = PseudoLabelHead(n_clusters=3, alpha=0.4, hidden_dim=32, epochs=15, lr=1e-2,
-                          batch_size=batch_size, random_state=3).fit(X)
+                          batch_size=batch_size, random_state=3, basis="features").fit(X)
     # the loop as it was: autograd allocates every gradient
     seeds = check_random_state(3)
     seeds.randint(np.iinfo(np.int32).max)

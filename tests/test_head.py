@@ -12,7 +12,7 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from esmc_lens.cluster.head import PseudoLabelHead, select_pseudo_labels
+from esmc_lens.cluster.head import PseudoLabelHead, SpanBasis, select_pseudo_labels
 
 # sklearn's generic checks force n_clusters=1 in these four; a one-cluster head is
 # meaningless (constant argmax) and PseudoLabelHead rejects n_clusters < 2 by design.
@@ -26,7 +26,8 @@ EXPECTED_FAILED_CHECKS = {
 
 
 @parametrize_with_checks(
-    [PseudoLabelHead(epochs=20, hidden_dim=16, n_init=2, random_state=0)],
+    [PseudoLabelHead(epochs=20, hidden_dim=16, n_init=2, random_state=0),
+     PseudoLabelHead(epochs=60, hidden_dim=16, n_init=2, random_state=0, basis="span")],
     expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS,
     xfail_strict=True,  # each listed check must really fail, for the stated reason
 )
@@ -286,3 +287,75 @@ def test_float32_input_and_predict_new_data(blobs: tuple[np.ndarray, np.ndarray]
     np.testing.assert_array_equal(est.predict(centres), majority)
     with pytest.raises(ValueError, match="features"):
         est.predict(X[:, :3])
+
+
+@pytest.fixture(scope="module")
+def wide() -> tuple[np.ndarray, np.ndarray]:
+    """60 nonnegative 3,000-dim rows in 3 groups (vocabulary-like: more features than rows)."""
+    rng = np.random.default_rng(0)
+    centers = rng.gamma(0.3, size=(3, 3000))
+    y = np.repeat(np.arange(3), 20)
+    X = centers[y] * rng.gamma(4.0, 0.25, size=(60, 3000))
+    return (X / X.sum(1, keepdims=True)).astype(np.float32), y
+
+
+def test_span_basis_keeps_distances_and_projects_rows() -> None:
+    rng = np.random.default_rng(1)
+    Z = rng.normal(size=(12, 500)).astype(np.float32)
+    Z[11] = Z[0] + Z[1]  # rank 11
+    b = SpanBasis(Z)
+    assert b.rank == 11 and b.projection.shape == (500, 11)
+    d_full = ((Z[:, None].astype(np.float64) - Z[None]) ** 2).sum(-1)
+    d_span = ((b.coords[:, None] - b.coords[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(d_span, d_full, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(b.transform(Z), b.coords, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(b.projection.T @ b.projection, np.eye(11), atol=1e-5)
+    assert b.matches(Z) and not b.matches(Z[:, ::-1].copy()) and not b.matches(Z[:5])
+    # Directions of eigenvalue 1e-12 of the largest (the flower embeddings have such): the
+    # projection onto them must still reproduce the coordinates.
+    U, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+    V, _ = np.linalg.qr(rng.normal(size=(2000, 40)))
+    W = ((U * np.logspace(0, -6, 40)) @ V.T).astype(np.float32)
+    wide = SpanBasis(W)
+    assert wide.rank == 40 and wide.matches(W)
+    err = np.abs(wide.transform(W) - wide.coords).max()
+    assert err <= 1e-5 * np.sqrt(wide.sq_norms.max()), err
+
+
+def test_span_head_runs_kmeans_and_pseudo_labels_of_the_features(wide) -> None:
+    """k-means sees the same distances in the span basis: same partition, same pseudo-labels
+    and centroids (back in feature space) as the paper's head on the raw axes."""
+    X, _ = wide
+    a = small(n_clusters=3, basis="features").fit(X)
+    b = small(n_clusters=3, basis="span").fit(X)
+    assert b.span_.rank == 60 and b.head_[0].in_features == 60
+    assert np.array_equal(a.kmeans_labels_, b.kmeans_labels_)
+    assert np.array_equal(a.pseudo_indices_, b.pseudo_indices_)
+    np.testing.assert_allclose(b.cluster_centers_, a.cluster_centers_, rtol=1e-4,
+                               atol=1e-4 * np.abs(a.cluster_centers_).max())
+    # At init the first layer computes what a 3,000-input nn.Linear would: pre-activations
+    # W z with W ~ U(+-1/sqrt(3000)) have variance |z|^2 / 9000 over the hidden units
+    # (lr 1e-12: one step leaves the init as it was).
+    init = PseudoLabelHead(n_clusters=3, hidden_dim=512, epochs=1, lr=1e-12, n_init=3,
+                           random_state=0).fit(X)
+    Z = X * init.input_scale_
+    pre = (init._head_input(X) @ init.head_[0].weight.detach().numpy().T
+           - init.head_[0].bias.detach().numpy())
+    ratio = pre.var(axis=1) / ((Z.astype(np.float64) ** 2).sum(1) / (3 * 3000))
+    assert 0.75 < float(np.median(ratio)) < 1.25, np.median(ratio)
+    assert np.array_equal(b.predict(X), b.labels_)
+    assert "span_" not in a.__dict__
+
+
+def test_span_is_auto_for_wide_features_and_reusable(wide, blobs) -> None:
+    X, _ = wide
+    auto = small(n_clusters=3).fit(X)
+    again = small(n_clusters=3, random_state=5).fit(X, span=auto.span_)
+    assert again.span_ is auto.span_
+    fresh = small(n_clusters=3, random_state=5).fit(X)
+    assert np.array_equal(again.labels_, fresh.labels_)
+    assert "span_" not in small(n_clusters=4).fit(blobs[0]).__dict__  # 6 features < 300 rows
+    with pytest.raises(ValueError, match="span= was built from other features"):
+        small(n_clusters=3).fit(X[:, ::-1].copy(), span=auto.span_)
+    with pytest.raises(ValueError, match="basis must be one of"):
+        small(basis="vocab").fit(X)

@@ -126,9 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                    criterion=name if one else None, n_clusters=args.k,
                    keywords=keywords, keyword_source=args.keyword_source, alpha=args.alpha,
                    tau=args.tau, n_samples=args.n_samples, space=args.space, seed=args.seed,
-                   n_seeds=args.n_seeds, baselines=not args.no_baselines,
-                   batch_size=args.batch_size, progress=not args.quiet,
-                   cache_dir=args.cache_dir)
+                   n_seeds=args.n_seeds, head_basis=args.head_basis,
+                   baselines=not args.no_baselines, batch_size=args.batch_size,
+                   progress=not args.quiet, cache_dir=args.cache_dir)
     out = res.save(args.out, overwrite=args.overwrite, tables={"skipped.csv": ds.skipped})
     for r in ([res] if one else res.results.values()):
         _print_result(r)
@@ -352,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target embedding space (default: lens probabilities, |V|-dim)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-seeds", type=int, default=10, help="seeds averaged in the scores")
+    p.add_argument("--head-basis", default="auto", choices=["auto", "span", "features"],
+                   help="where the clustering head runs: 'auto' (default; 'span' for more "
+                        "features than images: the n-dimensional span of the embeddings, "
+                        "~100x faster) or 'features' (the paper's |V|-space head; scores "
+                        "differ on some criteria: benchmarks/README.md)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -134,6 +134,28 @@ def preprocess_features(X: ArrayLike, preprocess: str | None = None) -> np.ndarr
     return (X / np.where(norms > 0, norms, 1.0)).astype(X.dtype, copy=False)
 
 
+def _over_seeds(seeds: list[int], progress: bool | str):
+    """``seeds``, behind a progress bar when ``progress`` (a string names the bar)."""
+    if not progress or len(seeds) < 2:
+        return seeds
+    from tqdm.auto import tqdm
+
+    return tqdm(seeds, desc=progress if isinstance(progress, str) else "seeds", unit="seed")
+
+
+def kmeans_space(X: np.ndarray, basis: str = "auto") -> np.ndarray:
+    """Where k-means runs: ``X``, or (``basis="span"``, or "auto" with more features than
+    samples) its coordinates in an orthonormal basis of its rows' span (same distances, so
+    the same partitions to fp rounding; n instead of n_features columns)."""
+    from .head import BASES, SpanBasis
+
+    if basis not in BASES:
+        raise ConfigError(f"basis={basis!r}: use one of {BASES}")
+    if basis == "span" or (basis == "auto" and X.shape[1] > X.shape[0]):
+        return SpanBasis(X).coords
+    return X
+
+
 def _frame(rows: list[dict], seeds: list[int]) -> pd.DataFrame:
     df = pd.DataFrame(rows, index=pd.Index(seeds, name="seed"))
     return df
@@ -158,6 +180,8 @@ def kmeans_scores(
     preprocess: str | None = None,
     return_labels: bool = False,
     timing: bool = False,
+    basis: str = "auto",
+    progress: bool | str = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
     """k-means once per seed, scored against ``y_true``.
 
@@ -179,6 +203,10 @@ def kmeans_scores(
         Also return the predicted labels.
     timing : bool, default False
         Add a ``seconds`` column (wall time of each fit; not deterministic).
+    basis : "auto", "span" or "features", default "auto"
+        See :func:`kmeans_space` (after ``preprocess``).
+    progress : bool or str, default False
+        A progress bar over the seeds (a string is its label).
 
     Returns
     -------
@@ -193,8 +221,9 @@ def kmeans_scores(
     y = _as_labels(y_true, X.shape[0])
     k = _check_k(n_clusters, X.shape[0])
     seeds = _as_seeds(seeds)
+    X = kmeans_space(X, basis)
     rows, labels = [], []
-    for seed in seeds:
+    for seed in _over_seeds(seeds, progress):
         t0 = time.perf_counter()
         km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
         pred = km.fit_predict(X)
@@ -216,7 +245,7 @@ def head_scores(
     seeds: Iterable[int] | int = range(10),
     return_labels: bool = False,
     timing: bool = False,
-    progress: bool = False,
+    progress: bool | str = False,
     **head_kwargs,
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
     """ESMC's clustering head (k-means + pseudo-label MLP) once per seed.
@@ -228,12 +257,13 @@ def head_scores(
     alpha : float in (0, 1]
         Pseudo-label fraction (paper: 0.1 CMU_face/Card, 0.2 Fruit360/CIFAR10,
         0.3 Stanford_Cars/Flowers, 0.4 Fruit).
-    progress : bool, default False
-        A progress bar over the seeds.
+    progress : bool or str, default False
+        A progress bar over the seeds (a string is its label).
     **head_kwargs
         Further :class:`~esmc_lens.cluster.head.PseudoLabelHead` arguments (``hidden_dim``,
-        ``epochs``, ``lr``, ``standardize``, ``n_init``, ``device``, ...);
-        ``random_state`` is set to each seed.
+        ``epochs``, ``lr``, ``standardize``, ``n_init``, ``device``, ``basis``, ...);
+        ``random_state`` is set to each seed. With ``basis="span"`` the basis is built
+        once and shared by every seed (it depends on ``X`` only).
 
     Returns
     -------
@@ -253,16 +283,12 @@ def head_scores(
     k = _check_k(n_clusters, X.shape[0])
     seeds = _as_seeds(seeds)
     rows, labels = [], []
-    if progress:
-        from tqdm.auto import tqdm
-
-        seeds_it = tqdm(seeds, desc="ESMC head (seeds)")
-    else:
-        seeds_it = seeds
-    for seed in seeds_it:
+    span = None
+    for seed in _over_seeds(seeds, "ESMC head (seeds)" if progress is True else progress):
         t0 = time.perf_counter()
         head = PseudoLabelHead(n_clusters=k, alpha=alpha, random_state=seed, **head_kwargs)
-        pred = head.fit(X).labels_
+        pred = head.fit(X, span=span).labels_
+        span = getattr(head, "span_", None)
         elapsed = time.perf_counter() - t0
         row = clustering_scores(y, pred)
         km = clustering_scores(y, head.kmeans_labels_)
@@ -304,6 +330,7 @@ def output_baseline(
     n_init: int = 10,
     batch_size: int = 64,
     return_labels: bool = False,
+    progress: bool | str = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
     """The "Output" baseline of Table 3: embed the generated answers, then k-means.
 
@@ -311,7 +338,7 @@ def output_baseline(
     ----------
     answers : list of str, one per image
         The model's generated answers (e.g. ``VLM.generate(images, prompt)``).
-    y_true, n_clusters, seeds, n_init, return_labels
+    y_true, n_clusters, seeds, n_init, return_labels, progress
         As in :func:`kmeans_scores` (raw embeddings, which are unit-norm).
     encoder : TextEncoder or str, default "minilm"
         The paper used CLIP's text encoder (``"clip"``, needs hub access); the offline
@@ -326,7 +353,7 @@ def output_baseline(
     """
     X = embed_answers(answers, encoder, batch_size=batch_size)
     return kmeans_scores(X, y_true, n_clusters, seeds=seeds, n_init=n_init,
-                         return_labels=return_labels)
+                         return_labels=return_labels, progress=progress)
 
 
 VISION_INPUTS = ("all", "pooled")
@@ -344,6 +371,7 @@ def vision_baseline(
     preprocess: str | None = None,
     return_labels: bool = False,
     inputs: str = "all",
+    progress: bool | str = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
     """k-means on vision features ("vision-only" baseline).
 
@@ -362,7 +390,8 @@ def vision_baseline(
         if feats is None:
             raise ConfigError(_NO_VISION)
     return kmeans_scores(feats, y_true, n_clusters, seeds=seeds, n_init=n_init,
-                         preprocess=preprocess, return_labels=return_labels)
+                         preprocess=preprocess, return_labels=return_labels,
+                         progress=progress)
 
 
 def vision_features(cache, inputs: str = "all") -> tuple[np.ndarray, str]:
@@ -414,6 +443,7 @@ def vision_baselines(
     n_clusters: int,
     seeds: Iterable[int] | int = range(10),
     n_init: int = 10,
+    progress: bool | str = False,
 ) -> dict[str, pd.DataFrame]:
     """Method name -> per-seed scores of each vision-only variant the capture supports.
 
@@ -425,7 +455,8 @@ def vision_baselines(
     out = {}
     for inputs in variants:
         X, name = vision_features(cache, inputs)
-        out[name] = kmeans_scores(X, y_true, n_clusters, seeds=seeds, n_init=n_init)
+        out[name] = kmeans_scores(X, y_true, n_clusters, seeds=seeds, n_init=n_init,
+                                  progress=progress)
     return out
 
 

@@ -8,6 +8,21 @@
    for ``epochs`` epochs; the model after the LAST epoch is used (no model selection).
 4. Every sample is labelled by the argmax of the head.
 
+``basis="span"`` (the default for more features than samples, e.g. |V| = 49,152-dim
+vocabulary vectors of a few hundred images) works in the span of the n training rows,
+which holds every one of them: k-means runs on their coordinates in an orthonormal basis
+of it (:class:`SpanBasis`; every distance kept, so the partition and the pseudo-labels are
+those of the |V|-dimensional vectors, to fp rounding), and the MLP's first layer reads each
+row's inner products with the n training rows (``S = Z Z^T``, scaled to the rows' L1 mass)
+through ``W''``: ``W'' Z`` is a |V|-wide first layer, so on the data the function class is
+the paper's ``|V| -> 512 -> K``, and the first layer starts as the paper's would (the same
+distribution of functions). What cannot be carried over is Adam's path: Adam scales each
+coordinate's step by that coordinate's own gradient history, so its trajectory depends on
+the axes (vocabulary tokens in the paper's head; training rows here), and no n-dimensional
+form follows the |V| axes' trajectory exactly. The two heads' scores are compared in
+``benchmarks/README.md`` (they differ by more than seed noise on some criteria).
+``basis="features"`` is the paper's head on the raw axes (|V| x 512 weights, Adam on them).
+
 The published code picks pseudo-labels by distance to ``centroids[true_labels]`` and
 reports the best epoch judged against the ground truth; both leak labels and are not done
 here. ``y`` is accepted by ``fit`` for API compatibility and ignored.
@@ -26,7 +41,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-__all__ = ["PseudoLabelHead", "select_pseudo_labels"]
+__all__ = ["BASES", "PseudoLabelHead", "SpanBasis", "select_pseudo_labels"]
+
+BASES = ("auto", "span", "features")
 
 # Rows per forward pass at prediction time: bounds memory for |V| = 32000-dim inputs
 # (1024 x 32000 float32 = 131 MB).
@@ -81,11 +98,68 @@ def select_pseudo_labels(
     return np.concatenate(indices).astype(np.int64), np.concatenate(labels)
 
 
-def _init_linear(layer: nn.Linear, generator: torch.Generator) -> None:
-    """PyTorch's default ``nn.Linear`` init, but drawn from a local generator."""
+def _init_linear(layer: nn.Linear, generator: torch.Generator, fan_in: int | None = None) -> None:
+    """PyTorch's default ``nn.Linear`` init, but drawn from a local generator.
+
+    ``fan_in``: init as the layer of that input width would be (U(+-1/sqrt(fan_in)) for
+    weight and bias): a layer on span coordinates stands for one on all the features, and
+    ``W Q`` of such a ``W`` has entries of that same variance.
+    """
+    if fan_in is not None:
+        bound = 1.0 / math.sqrt(fan_in)
+        nn.init.uniform_(layer.weight, -bound, bound, generator=generator)
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+        return
     nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
     bound = 1.0 / math.sqrt(layer.in_features) if layer.in_features > 0 else 0.0
     nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+class SpanBasis:
+    """An orthonormal basis of the span of the rows of ``Z`` [n, d].
+
+    ``coords`` [n, r] (float64) are the rows in that basis, ``projection`` [d, r] (float32,
+    orthonormal columns) maps any row onto it (``Z @ projection == coords`` for the rows it
+    was built from, to fp rounding). Distances and inner products of the rows are kept:
+    ``coords`` come from the eigendecomposition of the float64 Gram matrix ``Z Z^T``
+    (``U sqrt(L)``), directions with eigenvalues below ``n * eps * max`` dropped, so
+    ``r <= min(n, d)``. Cost: two float64 products, n x d x n and d x n x r.
+    """
+
+    def __init__(self, Z: np.ndarray) -> None:
+        Z = np.asarray(Z)
+        Z64 = Z.astype(np.float64)
+        gram = Z64 @ Z64.T
+        lam, U = np.linalg.eigh(gram)
+        keep = lam > max(float(lam.max()), 0.0) * Z.shape[0] * np.finfo(np.float64).eps
+        lam, U = lam[keep][::-1], U[:, keep][:, ::-1]
+        root = np.sqrt(lam)
+        self.coords = U * root
+        # In float64: a direction of small eigenvalue is divided by its small root, which
+        # float32 rounding of the product would not survive.
+        self.projection = (Z64.T @ (U / root)).astype(np.float32)
+        self.sq_norms = np.einsum("ij,ij->i", self.coords, self.coords)
+        self.l1_norms = np.abs(Z).sum(axis=1, dtype=np.float64)  # [n]
+        self.n_features = Z.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.coords.shape[1]
+
+    def matches(self, Z: np.ndarray) -> bool:
+        """Was this basis built from ``Z``? (shape, row norms, and four rows projected)"""
+        if Z.shape != (self.coords.shape[0], self.n_features):
+            return False
+        norms = np.einsum("ij,ij->i", Z, Z)  # in Z's dtype: a check, not a measurement
+        if not np.allclose(norms, self.sq_norms, rtol=1e-4, atol=1e-12):
+            return False
+        rows = np.linspace(0, Z.shape[0] - 1, min(4, Z.shape[0])).astype(int)
+        err = np.abs(self.transform(Z[rows]) - self.coords[rows]).max()
+        return bool(err <= 1e-3 * math.sqrt(float(self.sq_norms.max())))
+
+    def transform(self, Z: np.ndarray) -> np.ndarray:
+        """Coordinates [m, r] of rows of the feature space (their projection onto the span)."""
+        return np.asarray(Z, dtype=np.float32) @ self.projection
 
 
 class PseudoLabelHead(ClusterMixin, BaseEstimator):
@@ -124,6 +198,12 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         Seeds k-means, MLP initialisation and shuffling. Global torch RNG state is untouched.
     device : str, default "cpu"
         Torch device for the MLP.
+    basis : "auto", "span" or "features", default "auto"
+        Where k-means and the MLP run: "span" in an orthonormal basis of the training
+        rows' span (:class:`SpanBasis`; n coordinates instead of n_features: same
+        distances, same function class, a different Adam path, see the module doc),
+        "features" on the raw feature axes (the paper's head), "auto" "span" when there
+        are more features than samples.
 
     Attributes
     ----------
@@ -149,6 +229,11 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
     input_scale_ : float
         The factor applied to the (standardised) features: ~1 / RMS, a power of two, if
         ``rescale``, else 1.
+    span_ : SpanBasis
+        The basis k-means ran in (only with ``basis="span"``, or "auto" choosing it).
+    similarity_scale_ : float
+        With ``span_``: the MLP reads ``span_.transform(Z) @ span_.coords.T /
+        similarity_scale_`` (inner products with the training rows, at their L1 mass).
     """
 
     def __init__(
@@ -165,6 +250,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         n_init: int = 10,
         random_state: int | np.random.RandomState | None = None,
         device: str = "cpu",
+        basis: str = "auto",
     ) -> None:
         self.n_clusters = n_clusters
         self.alpha = alpha
@@ -178,6 +264,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         self.n_init = n_init
         self.random_state = random_state
         self.device = device
+        self.basis = basis
 
     def _check_params(self, n_samples: int) -> None:
         def is_int(v: object) -> bool:
@@ -207,13 +294,16 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not float(self.weight_decay) >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
 
     def _transform(self, X: np.ndarray) -> np.ndarray:
         if self.standardize:
             X = (X - self.mean_) / self.scale_
         return X * np.asarray(self.input_scale_, dtype=X.dtype)
 
-    def fit(self, X: ArrayLike, y: object = None) -> PseudoLabelHead:
+    def fit(self, X: ArrayLike, y: object = None, span: SpanBasis | None = None
+            ) -> PseudoLabelHead:
         """Run k-means, select pseudo-labels and train the head.
 
         Parameters
@@ -222,6 +312,10 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
             Embeddings; finite values only.
         y : ignored
             Accepted for scikit-learn API compatibility; never used.
+        span : SpanBasis, optional
+            The ``span_`` of an earlier fit on the same ``X`` with the same ``standardize``
+            and ``rescale`` (it depends on nothing else), to skip recomputing it when
+            fitting several seeds; checked against ``X``.
 
         Returns
         -------
@@ -245,33 +339,63 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         self.input_scale_ = 1.0
         Z = self._transform(X)
         if self.rescale:
-            rms = math.sqrt(float(np.mean(np.square(Z, dtype=np.float64))))
+            rms = math.sqrt(float(np.einsum("ij,ij->", Z, Z, dtype=np.float64)) / Z.size)
             # A power of two: scaling is then exact in floating point, so k-means and the
             # pseudo-labels are bit for bit those of the unscaled features.
             self.input_scale_ = 2.0 ** -round(math.log2(rms)) if rms > 0 else 1.0
             Z = Z * np.asarray(self.input_scale_, dtype=Z.dtype)
 
+        fan_in = None
+        for name in ("span_", "similarity_scale_"):
+            self.__dict__.pop(name, None)
+        if self.basis == "span" or (self.basis == "auto" and Z.shape[1] > n_samples):
+            if span is not None and not span.matches(Z):
+                raise ValueError("span= was built from other features: pass the span_ of a "
+                                 "fit on the same X (same standardize and rescale), or None")
+            self.span_ = span if span is not None else SpanBasis(Z)
+            # The paper's first layer has n_features inputs: init as it would be.
+            Z, fan_in = self.span_.coords, X.shape[1]
+
         km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=kmeans_seed)
         assignment = km.fit_predict(Z).astype(np.int64)
         self.kmeans_labels_ = assignment
-        self.cluster_centers_ = km.cluster_centers_
+        self.cluster_centers_ = (km.cluster_centers_ if fan_in is None else
+                                 km.cluster_centers_ @ self.span_.projection.T.astype(Z.dtype))
         self.pseudo_indices_, self.pseudo_labels_ = select_pseudo_labels(
             Z, assignment, km.cluster_centers_, float(self.alpha)
         )
 
         device = torch.device(self.device)
         generator = torch.Generator(device="cpu").manual_seed(torch_seed)
+        if fan_in is not None:
+            # The MLP reads each row's similarity to the n training rows (module doc).
+            sim = Z @ Z.T
+            self.similarity_scale_ = float(np.abs(sim).sum(1).mean()
+                                           / max(float(self.span_.l1_norms.mean()), 1e-300))
+        in_dim = Z.shape[1] if fan_in is None else n_samples
         # nn.Linear's constructor draws its default init from the global RNG; fork it so
         # the caller's RNG stream is untouched, then re-draw from the local generator.
         with torch.random.fork_rng(devices=[]):
             head = nn.Sequential(
-                nn.Linear(Z.shape[1], self.hidden_dim),
+                nn.Linear(in_dim, self.hidden_dim),
                 nn.ReLU(),
                 nn.Linear(self.hidden_dim, self.n_clusters),
             )
-        for layer in head:
-            if isinstance(layer, nn.Linear):
-                _init_linear(layer, generator)
+            first = nn.Linear(Z.shape[1], self.hidden_dim) if fan_in is not None else None
+        if first is None:
+            _init_linear(head[0], generator)
+        else:
+            # W on the span coordinates, initialised as the paper's n_features-input layer
+            # (U(+-1/sqrt(n_features)): W Q of such a layer has entries of that variance),
+            # then carried over to the similarities S = C C^T / scale as W'' = scale W C^+,
+            # so that W'' S = W C: the same function at init.
+            _init_linear(first, generator, fan_in)
+            w = first.weight.detach().double().numpy() @ np.linalg.pinv(Z)
+            with torch.no_grad():
+                head[0].weight.copy_(torch.from_numpy(w * self.similarity_scale_))
+                head[0].bias.copy_(first.bias)
+            Z = sim / self.similarity_scale_
+        _init_linear(head[2], generator)
         head = head.to(device=device, dtype=torch.float32)
 
         inputs = _as_float32_tensor(Z[self.pseudo_indices_], device)
@@ -319,6 +443,16 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         self.labels_ = self._logits(Z).argmax(axis=1).astype(np.int64)
         return self
 
+    def _head_input(self, X: np.ndarray) -> np.ndarray:
+        """What the MLP reads for raw rows ``X``: the transformed features, or their span
+        coordinates (a row's part outside the training span is dropped: in the paper's
+        head it meets only the untrained initial weights)."""
+        Z = self._transform(X)
+        if not hasattr(self, "span_"):
+            return Z
+        return (self.span_.transform(Z) @ self.span_.coords.T.astype(np.float32)
+                / np.float32(self.similarity_scale_))
+
     def _logits(self, Z: np.ndarray) -> np.ndarray:
         """Head outputs for already-transformed inputs, shape (n, n_clusters), float32."""
         device = next(self.head_.parameters()).device
@@ -342,7 +476,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         """
         check_is_fitted(self, "head_")
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return self._logits(self._transform(X)).argmax(axis=1).astype(np.int64)
+        return self._logits(self._head_input(X)).argmax(axis=1).astype(np.int64)
 
     def predict_proba(self, X: ArrayLike) -> np.ndarray:
         """Softmax of the head's outputs.
@@ -358,7 +492,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         """
         check_is_fitted(self, "head_")
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        logits = self._logits(self._transform(X)).astype(np.float64)
+        logits = self._logits(self._head_input(X)).astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         proba = np.exp(logits)
         return proba / proba.sum(axis=1, keepdims=True)
