@@ -460,9 +460,9 @@ def keyword_notes(tokenizer, keywords: Sequence[str]) -> list[str]:
     notes = []
     if bad:
         notes.append(f"keywords {bad} cannot be scored by the lens: no surface form is one "
-                     "token of the vocabulary and no first piece is a >= 3-letter word that "
-                     "is not a common one (or they encode to the unknown token); use other "
-                     "single words")
+                     "token of the vocabulary and no first piece of >= 3 letters covers half "
+                     "of the keyword without being a common word (or they encode to the "
+                     "unknown token); use other single words")
     kt = keyword_token_ids(tokenizer, ok)
     if kt.multi_token:
         shown = "; ".join(f"{w!r} -> {kt.pieces[w]}" for w in kt.multi_token[:5])

@@ -415,15 +415,15 @@ def test_prompt_longer_than_context(tiny_vlm, tmp_path, capsys):
 
 def test_keywords_split_or_clashing_are_reported(synth_ds, tiny_vlm):
     tok = tiny_vlm.tokenizer
-    kt_pieces = [tok.decode([i]) for i in tok.encode(" redness", add_special_tokens=False)]
-    notes = keyword_notes(tok, ["red", "redness", "xyzzyq", "green"])
+    kt_pieces = [tok.decode([i]) for i in tok.encode(" reds", add_special_tokens=False)]
+    notes = keyword_notes(tok, ["red", "reds", "xyzzyq", "green"])
     assert len(notes) == 3, notes
     assert notes[0].startswith("keywords ['xyzzyq'] cannot be scored by the lens")
     assert notes[1].startswith("1 keyword(s) are not single tokens")
-    assert f"'redness' -> ['{kt_pieces[0]}']" in notes[1] and "'green'" not in notes[1]
-    # "redness" is scored by its first piece " red", the whole word "red"
+    assert f"'reds' -> ['{kt_pieces[0]}']" in notes[1] and "'green'" not in notes[1]
+    # "reds" is scored by its first piece " red" (3 of 4 letters), the whole word "red"
     assert kt_pieces[0] == " red"
-    assert notes[2] == ("keywords ['red', 'redness'] share a scoring token and get the same "
+    assert notes[2] == ("keywords ['red', 'reds'] share a scoring token and get the same "
                         "lens score for it: keep one of them")
     assert keyword_notes(tok, KEYWORDS) == []
     with pytest.warns(EsmcWarning, match=r"\['xyzzyq'\] cannot be scored") as record:

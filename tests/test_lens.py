@@ -186,23 +186,23 @@ class PieceTokenizer:
 
 def test_keyword_rule_whole_words_first_then_long_uncommon_pieces():
     tok = PieceTokenizer()
-    kt = keyword_token_ids(tok, ["lily", "carnation", "daisy", "sunflower", "tulip"])
+    kt = keyword_token_ids(tok, ["lily", "daisy", "sunflower", "tulip"])
     assert kt.pieces == {
         "lily": [" lily", " Lily"],  # whole words; the piece "l" is not used
-        "carnation": [" carn"],  # split everywhere: only its piece of >= 3 letters
         "daisy": [" Daisy"],  # " d", "da", "D" would score most words
         "sunflower": [" sunflower"],  # a whole word exists: "sun", " Sun" are not used
-        "tulip": [" tul", " Tul"],
+        "tulip": [" tul", " Tul"],  # split everywhere: pieces of >= 3 letters, half of it
     }
-    assert kt.multi_token == ["carnation", "tulip"]
+    assert kt.multi_token == ["tulip"]
     assert kt.clashes == {}
-    # no whole word and no long piece, or only common-word pieces (" the"): not scorable
+    # no whole word and no piece that says most of the keyword: " carn" is 4 of carnation's
+    # 9 letters, " hy" 2, and " the" of theater a common word
     from esmc_lens.lens.keyword_rule import split_scorable
 
-    assert split_scorable(tok, ["lily", "hyacinth", "theater"]) == (["lily"],
-                                                                     ["hyacinth", "theater"])
-    with pytest.raises(ConfigError, match=r"\['hyacinth', 'theater'\] cannot be scored"):
-        keyword_token_ids(tok, ["lily", "hyacinth", "theater"])
+    bad = ["carnation", "hyacinth", "theater"]
+    assert split_scorable(tok, ["lily", *bad]) == (["lily"], bad)
+    with pytest.raises(ConfigError, match=r"\['carnation', 'hyacinth', 'theater'\] cannot"):
+        keyword_token_ids(tok, ["lily", *bad])
 
 
 @pytest.mark.parametrize("width", [49152, 32064, 1000, 130, 7])

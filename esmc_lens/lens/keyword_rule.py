@@ -11,10 +11,12 @@ tokens that can begin it. The rule, applied to each keyword ``w``:
    id counted once, and nothing else: ``"sunflower"`` is never scored by ``" sun"`` when
    ``" sunflower"`` exists.
 3. Only when **no** surface form is one token is the keyword scored by the first pieces of
-   its split forms, and only by pieces of at least ``MIN_PIECE_CHARS`` (3) letters that are
-   not common words (scikit-learn's ``ENGLISH_STOP_WORDS``): ``" the"`` (of "theater"),
-   ``" be"`` (of "beige") or ``" C"`` (of "carnation") begin thousands of words and say
-   nothing about the keyword. Such keywords are listed in ``multi_token``.
+   its split forms, and only by a piece that says most of the keyword: at least
+   ``MIN_PIECE_CHARS`` (3) letters, at least half of the keyword's letters, and not a
+   common word (scikit-learn's ``ENGLISH_STOP_WORDS``). ``" the"`` (of "theater"),
+   ``" be"`` (of "beige"), ``" sun"`` (of "sunflowers") or ``" C"`` (of "carnation")
+   begin thousands of words and say nothing about the keyword; ``" tul"`` of "tulip" does.
+   Such keywords are listed in ``multi_token``.
 4. A keyword with no such token, or that encodes to the unknown token, cannot be scored:
    :func:`keyword_token_ids` raises ``ConfigError`` naming it, and :func:`split_scorable`
    separates such words from a list beforehand.
@@ -74,8 +76,9 @@ def _scoring_ids(tokenizer, keyword: str) -> tuple[list[int], bool]:
                 whole.append(words[0])
             continue
         piece = tokenizer.decode([words[0]]).strip()
-        if (len(piece) >= MIN_PIECE_CHARS and piece.isalpha() and not _is_common(piece)
-                and words[0] not in pieces):
+        letters = sum(ch.isalpha() for ch in keyword)
+        if (len(piece) >= MIN_PIECE_CHARS and 2 * len(piece) >= letters and piece.isalpha()
+                and not _is_common(piece) and words[0] not in pieces):
             pieces.append(words[0])
     return (whole, True) if whole else (pieces, False)
 
@@ -110,8 +113,8 @@ def keyword_token_ids(tokenizer, keywords: Sequence[str]) -> KeywordTokens:
     if unscorable:
         raise ConfigError(
             f"keywords {unscorable} cannot be scored by the lens: no surface form is one "
-            f"token of the vocabulary and no first piece is a >= {MIN_PIECE_CHARS}-letter "
-            "non-common word (see esmc_lens.lens.keyword_rule); drop them or use other "
-            "single words")
+            f"token of the vocabulary and no first piece of >= {MIN_PIECE_CHARS} letters covers "
+            "half of the keyword without being a common word (see "
+            "esmc_lens.lens.keyword_rule); drop them or use other single words")
     clashes = {t: o for t, o in owners.items() if len(set(o)) > 1}
     return KeywordTokens(cleaned, groups, multi, clashes, shown)
