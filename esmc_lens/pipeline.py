@@ -60,11 +60,13 @@ from .lens.unembed import Unembed
 from .localization.keywords import Keywords, choose_keywords
 from .localization.targets import target_embeddings, target_labels
 from .localization.votes import Localization, localize
-from .models.vlm import VLM
+from .models.vlm import ANSWER_MAX_TOKENS, VLM
 from .report.naming import name_clusters
 from .report.result import EsmcResult, MultiResult
 from .residual.cache import ResidualCache
 from .residual.capture import capture
+from .residual.shared_prefix import capture_criteria, shares_prefix, split_criteria
+from .residual.store import cached_capture
 from .validate import check_api_inputs, check_finite, check_run, keyword_notes
 
 __all__ = [
@@ -171,7 +173,6 @@ def capture_fn(cache_dir: str | Path | None):
     """:func:`~esmc_lens.residual.capture.capture`, or its disk-cached form if ``cache_dir``."""
     if cache_dir is None:
         return capture
-    from .residual.store import cached_capture
 
     return partial(cached_capture, cache_dir=cache_dir)
 
@@ -342,8 +343,6 @@ def shared_pass(vlm: VLM, images, criteria: list[Criterion],
     others' (``"capture"``), the answers' generation included in both.
     """
     t0 = time.perf_counter()
-    from .models.vlm import ANSWER_MAX_TOKENS
-    from .residual.shared_prefix import capture_criteria, split_criteria
 
     source = ImageSource.of(images)
     key = {c.name: c.name if c.name is not None else "criterion" for c in criteria}
@@ -460,6 +459,7 @@ def run_esmc(
     batch_size: int = 8,
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    one_pass: bool = True,
 ) -> EsmcResult | MultiResult:
     """Run ESMC on ``images`` for one criterion prompt or several (see the module docstring).
 
@@ -475,8 +475,10 @@ def run_esmc(
 
     Every criterion is captured in one pass over the images (:func:`shared_pass`), the
     answers of the Output baseline generated from the same prefill, unless the model's family
-    cannot share a prefix or ``cache_dir`` is set: then each criterion has its own captures
-    and ``generate`` (``settings["one_pass_why_not"]`` says which).
+    cannot share a prefix, ``cache_dir`` is set or ``one_pass=False``: then each criterion
+    has its own captures and ``generate`` (``settings["one_pass_why_not"]`` says which). The
+    two paths agree to float rounding, not bit for bit (a KV-cache continuation is another
+    sequence of matrix products than one forward pass).
     """
     check_api_inputs(vlm, images, prompt, criterion=criterion, y_true=y_true,
                      class_names=class_names, keywords=keywords, keyword_source=keyword_source,
@@ -514,9 +516,9 @@ def run_esmc(
     want_answers = baselines and any(labels_of[c.name][0] is not None for c in criteria)
     # One pass over the images for every criterion, unless the model cannot share a prefix
     # or the captures are to be kept on disk (the per-criterion path resumes from there).
-    from .residual.shared_prefix import shares_prefix
 
-    why_not = "cache_dir is set" if cache_dir is not None else shares_prefix(vlm)
+    why_not = ("one_pass=False" if not one_pass
+               else "cache_dir is set" if cache_dir is not None else shares_prefix(vlm))
     t = time.perf_counter()
     if why_not is None:
         split_t: dict[str, float] = {}

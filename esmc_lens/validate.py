@@ -24,7 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.dataset import ImageDataset
+from .data.source import image_items
 from .errors import CaptureError, ConfigError, DataError, OutputError
+from .lens.keyword_rule import keyword_token_ids, split_scorable
 
 __all__ = [
     "HOST",
@@ -328,7 +331,6 @@ def check_run(vlm, images, prompt: str, *, criterion: str | None = None,
     """Everything :func:`~esmc_lens.pipeline.run_esmc` can check before touching the model:
     the prompt, the criterion of a dataset (exists, >= 2 classes) and ``settings`` (see
     :func:`check_settings`)."""
-    from .data.dataset import ImageDataset
 
     token = getattr(getattr(vlm, "processor", None), "image_token", None) or "<image>"
     check_prompt(prompt, token)
@@ -384,8 +386,6 @@ def check_api_inputs(vlm, images, prompt, *, criterion=None, y_true=None, class_
     :func:`check_settings`'s (others are ignored, so the orchestrator may pass arguments
     this function does not know).
     """
-    from .data.dataset import ImageDataset
-    from .data.source import image_items
 
     if isinstance(vlm, str | os.PathLike):
         raise ConfigError(f"vlm={str(vlm)!r} is a model name, not a loaded model: pass "
@@ -454,7 +454,6 @@ def keyword_notes(tokenizer, keywords: Sequence[str]) -> list[str]:
     ``keywords``, one line per kind: keywords it cannot score (dropped by the pipeline),
     keywords scored by first pieces (no surface form is one token), and keywords sharing a
     token (equal scores for it)."""
-    from .lens.keyword_rule import keyword_token_ids, split_scorable
 
     ok, bad = split_scorable(tokenizer, [str(k).strip() for k in keywords if str(k).strip()])
     notes = []

@@ -106,3 +106,31 @@ def test_bad_criterion_exits_2_without_traceback(synth, capsys, tmp_path):
                "--prompt", "The texture is", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert rc == 2 and "texture" in err and "Traceback" not in err
+
+
+def test_keywords_once_per_criterion(tmp_path, synth, monkeypatch):
+    """``--keywords`` once per ``--criterion``, in order; ``auto`` leaves one to the LM."""
+    import esmc_lens.pipeline as pipeline
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(vlm, images, prompt, **kw):
+        seen.update(kw, prompt=prompt)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "run_esmc", spy)
+    base = ["run", "--model", "tiny", "--data", str(synth), "--criterion", "color",
+            "--prompt", "The color of the object is", "--criterion", "shape",
+            "--prompt", "The shape of the object is", "--quiet", "--out", str(tmp_path / "r")]
+    with pytest.raises(Stop):
+        main([*base, "--keywords", "red, green", "--keywords", "auto"])
+    assert seen["keywords"] == {"color": ["red", " green"], "shape": None}
+    with pytest.raises(Stop):
+        main([*base, "--keywords", "red,blue"])
+    assert seen["keywords"] == ["red", "blue"]  # one list for both
+    seen.clear()
+    assert main([*base, "--keywords", "a", "--keywords", "b", "--keywords", "c"]) == 2
+    assert seen == {}  # refused before the model loads

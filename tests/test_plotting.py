@@ -90,6 +90,25 @@ def test_every_method_keeps_its_colour_and_the_paper_is_black():
     plt.close(fig)
 
 
+def test_method_bars_draw_the_seed_spread_when_asked():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from esmc_lens.report.plotting import method_bars_figure
+
+    rows = [{"criterion": c, "method": m, "nmi_mean": 0.5, "nmi_std": s}
+            for c, m, s in (("color", "ESMC", 0.1), ("color", "Output", 0.0),
+                            ("shape", "ESMC", 0.25), ("shape", "Output", 0.05))]
+    plain = method_bars_figure(pd.DataFrame(rows), "tiny", metrics=("nmi",))
+    assert not plain.axes[0].lines  # no error bars unless asked
+    fig = method_bars_figure(pd.DataFrame(rows), "tiny", metrics=("nmi",), errorbars=True)
+    spans = sorted(round(float(seg[1, 1] - seg[0, 1]), 6)
+                   for col in fig.axes[0].collections for seg in col.get_segments())
+    assert spans == [0.0, 0.1, 0.2, 0.5]  # 2 x std per bar
+    plt.close(plain)
+    plt.close(fig)
+
+
 def test_compared_panels_share_one_log_scale():
     import numpy as np
     import pandas as pd

@@ -12,7 +12,7 @@ from conftest import assert_same_cache, shard_dirs, shard_stats, write_images
 from PIL import Image
 
 from esmc_lens.data.dataset import load_dataset
-from esmc_lens.errors import EsmcWarning
+from esmc_lens.errors import ConfigError, EsmcWarning
 from esmc_lens.models.vlm import load_model
 from esmc_lens.residual.capture import capture
 from esmc_lens.residual.store import cache_key, cached_capture
@@ -60,9 +60,11 @@ def test_equal_to_capture_and_second_run_reads_everything(tiny_vlm, images, tmp_
 def test_key_covers_model_prompt_template_options_and_content(tiny_vlm, images, tmp_path):
     key = cache_key(tiny_vlm, [PROMPT], 3, **OPTIONS)[0]
     assert cache_key(tiny_vlm, [PROMPT], 3, **OPTIONS)[0] == key  # stable
-    # defaults given or left out, engine and prefetch (bit-identical by design): same key
-    assert cache_key(tiny_vlm, [PROMPT], 3, **OPTIONS, positions="prompt", layers=None,
-                     engine="nnsight", prefetch=False)[0] == key
+    # defaults given or left out: same key (engine and prefetch, bit-identical by design,
+    # are how a capture runs, not CaptureOptions: cache_key does not take them)
+    assert cache_key(tiny_vlm, [PROMPT], 3, **OPTIONS, positions="prompt", layers=None)[0] == key
+    with pytest.raises(ConfigError, match=r"unknown capture options \['engine'\]"):
+        cache_key(tiny_vlm, [PROMPT], 3, engine="nnsight")
     assert cache_key(tiny_vlm, [PROMPT], 3, layers=[2, 0])[0] == cache_key(
         tiny_vlm, [PROMPT], 3, layers=(0, 2, 2))[0]
     assert cache_key(tiny_vlm, ["The shape of the object is"], 3, **OPTIONS)[0] != key
@@ -162,7 +164,10 @@ def test_run_esmc_with_cache_dir_resumes_and_changes_nothing(tiny_vlm, tmp_path)
     kw = {"criterion": "color", "keywords": ["red", "green", "blue", "yellow"],
           "baselines": False, "n_seeds": 1, "epochs": 2, "n_samples": 4, "progress": False,
           "batch_size": 4}
-    plain = run_esmc(tiny_vlm, ds, PROMPT, **kw)
+    # like with like: the per-criterion path a cache_dir takes, without the cache (the one
+    # pass agrees with it to rounding only: tests/test_one_pass.py)
+    plain = run_esmc(tiny_vlm, ds, PROMPT, one_pass=False, **kw)
+    assert plain.settings["one_pass_why_not"] == "one_pass=False"
     first = run_esmc(tiny_vlm, ds, PROMPT, cache_dir=tmp_path / "cache", **kw)
     second = run_esmc(tiny_vlm, ds, PROMPT, cache_dir=tmp_path / "cache", **kw)
     assert first.meta["capture_cache"]["computed"] == 2  # the 8 images at the target cells

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import ConfigError, EsmcError, EsmcWarning, OutputError, write_failure
+from ..lens.tokens import decode_each
 from ..localization.keywords import CLASS_NAMES, KEYWORD_SOURCES
 from ..validate import dataset_notes
 
@@ -56,9 +57,9 @@ def cmd_lens(args: argparse.Namespace) -> int:
         "layers": [
             {"layer": s, "positions": [
                 {"token": cache.tokens[0][p],
-                 "top": [{"token": tok.decode([int(i)]), "prob": round(float(q), 6)}
-                         for i, q in zip(cache.top_ids[0, j, p], cache.top_probs[0, j, p],
-                                         strict=True)]}
+                 "top": [{"token": t, "prob": round(float(q), 6)}
+                         for t, q in zip(decode_each(tok, cache.top_ids[0, j, p].tolist()),
+                                         cache.top_probs[0, j, p], strict=True)]}
                 for p in range(cache.n_positions)]}
             for j, s in enumerate(cache.stream)
         ],
@@ -86,6 +87,37 @@ def _criteria(args: argparse.Namespace) -> dict[str, str]:
     if len(set(names)) != len(names):
         raise ConfigError(f"--criterion names repeat: {names}")
     return dict(zip(names, prompts, strict=True))
+
+
+def _given_keywords(args: argparse.Namespace, n_criteria: int) -> list[str]:
+    """The ``--keywords`` values that count: the last with one criterion (as for any
+    repeated option), all of them with several."""
+    given = args.keywords or []
+    return given[-1:] if n_criteria == 1 else given
+
+
+def _keywords(args: argparse.Namespace, names: list[str]):
+    """``--keywords`` as run_esmc takes it: None, one list (or ``class-names``) for every
+    criterion, or, given once per ``--criterion`` (in order), a mapping name -> list, where
+    ``auto`` leaves that criterion to its default (the language model's keywords). With one
+    criterion the last ``--keywords`` counts, as for any repeated option."""
+    given = _given_keywords(args, len(names))
+    if len(given) not in (0, 1, len(names)):
+        raise ConfigError(f"give --keywords once (for every criterion) or once per --criterion "
+                          f"({len(names)}: {', '.join(names)}); got {len(given)}")
+
+    def parse(value: str):
+        if value.strip().lower() == CLASS_NAMES:
+            return CLASS_NAMES
+        if value.strip().lower() == "auto":
+            return None
+        return [w for w in value.split(",") if w.strip()]
+
+    if not given:
+        return None
+    if len(given) == 1:
+        return parse(given[0])
+    return {n: parse(v) for n, v in zip(names, given, strict=True)}
 
 
 def _print_result(res) -> None:
@@ -117,9 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for note in dataset_notes(ds, c, skipped_csv=f"{args.out}/skipped.csv"):
             print(f"esmc-lens: note: {note}", file=sys.stderr)
     vlm = load_model(args.model, device=args.device, dtype=args.dtype)
-    keywords = args.keywords
-    if keywords is not None and keywords.strip().lower() != CLASS_NAMES:
-        keywords = [w for w in keywords.split(",") if w.strip()]
+    keywords = _keywords(args, list(criteria))
     one = len(criteria) == 1
     name = next(iter(criteria))
     res = run_esmc(vlm, ds, criteria[name] if one else criteria,
@@ -249,7 +279,10 @@ def _check_run_args(args: argparse.Namespace, ds, criteria: dict[str, str]) -> N
         check_run(None, ds, prompt, criterion=name, n_images=len(ds),
                   n_clusters=args.k, alpha=args.alpha, tau=args.tau, n_samples=args.n_samples,
                   batch_size=args.batch_size, n_seeds=args.n_seeds, seed=args.seed)
-    check_keywords(args.keywords or None, args.keyword_source)
+    _keywords(args, list(criteria))  # as many as the criteria
+    for kw in _given_keywords(args, len(criteria)) or [None]:
+        check_keywords(None if (kw or "").strip().lower() in ("", "auto") else kw,
+                       args.keyword_source)
     check_output_dir(args.out, overwrite=args.overwrite)
     if args.cache_dir is not None:
         check_writable_dir(args.cache_dir, "capture cache directory (--cache-dir)", CACHE_DIR_FIX)
@@ -337,11 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True,
                    help="the criterion's prompt, e.g. 'The color of the flower is'")
     p.add_argument("--k", type=int, default=None, help="clusters (default: number of classes)")
-    p.add_argument("--keywords", default=None,
+    p.add_argument("--keywords", action="append", default=None,
                    help="comma-separated keywords (default: the model's own language model "
                         f"answers 'What are common <criterion>s of <object>s?'); "
                         f"'{CLASS_NAMES}' localizes with the dataset's class names "
-                        "(supervised: every output says so)")
+                        "(supervised: every output says so). Once for every criterion, or "
+                        "once per --criterion in order ('auto': that criterion's default)")
     p.add_argument("--keyword-source", default="auto", choices=list(KEYWORD_SOURCES),
                    help="auto (default): --keywords if given, else the language model's; "
                         "class_names: supervised")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..cluster.baselines import format_mean_std
@@ -16,45 +15,16 @@ from ..data.dataset import load_dataset
 from ..data.synthetic import SYNTHETIC_PROMPTS, make_synthetic_dataset
 from ..models.vlm import load_model
 from ..pipeline import run_esmc
-from ..report.plotting import figure_style, lens_heatmap, save_figure
-from ..report.result import EsmcResult, MultiResult
+from ..report.plotting import method_bars_figure, save_figure, votes_figure
+from ..report.result import MultiResult
 
 
-def vote_figure(result: EsmcResult, title: str):
-    """Mean keyword lens probability per (layer, prompt position) with the target outlined."""
-    import matplotlib.pyplot as plt
-
-    loc = result.localization
-    probs = loc.probs_mean
-    rows = {s: i for i, s in enumerate(probs.index)}
-    with figure_style("two") as st:
-        fig, ax = plt.subplots(figsize=(st["figsize"][0], 3.2))
-        lens_heatmap(probs.to_numpy(), list(probs.index), list(probs.columns), ax=ax,
-                     title=title, cbar_label="mean keyword probability",
-                     highlight=[(rows[s], p) for s, p in loc.targets])
-    return fig
-
-
-def scores_figure(tables: dict[str, pd.DataFrame], model: str):
-    """NMI (mean ± std over seeds) of ESMC and baselines per criterion."""
-    import matplotlib.pyplot as plt
-
-    methods = list(next(iter(tables.values())).index)
-    with figure_style("two") as st:
-        fig, ax = plt.subplots(figsize=(st["figsize"][0], 2.6))
-        width = 0.8 / len(methods)
-        for j, m in enumerate(methods):
-            x = np.arange(len(tables)) + j * width
-            ax.bar(x, [t.loc[m, "nmi_mean"] for t in tables.values()], width,
-                   yerr=[t.loc[m, "nmi_std"] for t in tables.values()], label=m, capsize=2)
-        ax.set_xticks(np.arange(len(tables)) + 0.4 - width / 2)
-        ax.set_xticklabels(list(tables))
-        ax.set_ylabel("NMI")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"Synthetic dataset, model: {model}")
-        ax.legend(ncol=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.15),
-                  frameon=False)
-    return fig
+def scores_frame(results: MultiResult) -> pd.DataFrame:
+    """One row per (criterion, method): the run's scores, in the long form
+    :func:`~esmc_lens.report.plotting.method_bars_figure` draws."""
+    return pd.concat([r.scores.rename_axis("method").reset_index().assign(criterion=c)
+                      for c, r in results.results.items() if not r.scores.empty],
+                     ignore_index=True)
 
 
 def run_demo(model: str = "offline", out: Path = Path("outputs/demo"),
@@ -76,7 +46,8 @@ def run_demo(model: str = "offline", out: Path = Path("outputs/demo"),
     res.save(out, overwrite=True)
     for crit, r in res.results.items():
         sup = " (supervised localization)" if r.supervised else ""
-        fig = vote_figure(r, f"{crit}: '{r.prompt}' ({vlm.name}){sup}")
+        fig = votes_figure(r.localization, f"{crit}: '{r.prompt}'{sup}", what="probs_mean",
+                           model=vlm.name)
         save_figure(fig, f"demo_votes_{crit}", figures)
         plt.close(fig)
         print(f"\n== {crit}: {r.prompt!r}  target {', '.join(r.target_labels)} "
@@ -87,7 +58,8 @@ def run_demo(model: str = "offline", out: Path = Path("outputs/demo"),
               .to_string(index=False))
     print("\nNMI between the criteria's clusterings and their labels:")
     print(res.cross_criterion().round(3).to_string())
-    fig = scores_figure({c: r.scores for c, r in res.results.items()}, vlm.name)
+    fig = method_bars_figure(scores_frame(res), vlm.name, metrics=("nmi",), errorbars=True,
+                             title="Synthetic dataset: NMI per method (mean ± std over seeds)")
     paths = save_figure(fig, "demo_scores", figures)
     plt.close(fig)
     print(f"\nresults in {out}/, figures {', '.join(str(p) for p in paths)} and "

@@ -32,10 +32,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..data.images import open_rgb
+from ..lens.readout import top_k
+from ..lens.tokens import token_strings
 from ..localization.grid import keyword_grid
 from ..localization.votes import cell_labels
 from ..report.plotting import PROB_FLOOR, provenance, readable_tokens, token_label
-from ..report.trajectory import token_strings
 from ..residual.cache import ResidualCache
 
 __all__ = ["HtmlView", "image_loader", "image_png", "lens_explorer_view", "page",
@@ -86,7 +88,6 @@ def image_loader(images) -> Callable[[int], Image.Image] | None:
         im = seq[i]
         if isinstance(im, Image.Image):
             return im
-        from ..data.images import open_rgb
 
         return open_rgb(im)
 
@@ -347,7 +348,6 @@ def lens_explorer_view(cache: ResidualCache, unembed, tokenizer, keywords: Seque
     thumbnails (an ``ImageDataset``, a list, or ``i -> PIL image``). Top-k lens tokens
     of every cell come from the capture when it kept ``k`` of them, else from the lens.
     """
-    from ..lens.readout import top_k
 
     n = min(len(cache), max_images)
     words = list(dict.fromkeys(w.strip().lower() for w in keywords if w.strip()))

@@ -30,11 +30,11 @@ import torch
 from ..errors import ConfigError
 from ..lens.keyword_rule import keyword_token_ids
 from ..lens.readout import keyword_probs, top_k
+from ..lens.tokens import decode_each, token_strings
 from ..lens.unembed import Unembed
 from ..localization.grid import keyword_grid
 from ..localization.votes import cell_labels, vote_table
-from ..report.plotting import token_label
-from ..report.trajectory import token_strings
+from ..report.plotting import figure_style, lens_heatmap, token_label
 from ..residual.cache import ResidualCache, strip_token
 from .html_views import HtmlView, image_loader, image_png, lens_explorer_view, vote_map_view
 
@@ -192,7 +192,7 @@ class LensExplorer(_Explorer):
         probs, ids = top_k(h[None], self.unembed, k=self.k)
         raw = token_strings(self.tokenizer, ids[0].tolist())
         return pd.DataFrame({"rank": range(1, self.k + 1),
-                             "token": [self.tokenizer.decode([int(i)]) for i in ids[0]],
+                             "token": decode_each(self.tokenizer, ids[0].tolist()),
                              "label": [token_label(t) for t in raw],
                              "prob": [float(p) for p in probs[0]]})
 
@@ -233,7 +233,6 @@ class LensExplorer(_Explorer):
     def _render(self, s: int, p: int, kw: str) -> bytes:
         import matplotlib.pyplot as plt
 
-        from ..report.plotting import figure_style, lens_heatmap
 
         g = self.heatmap
         with figure_style("two", font_size=7):
@@ -362,7 +361,6 @@ class VoteMapExplorer(_Explorer):
     def _render(self) -> bytes:
         import matplotlib.pyplot as plt
 
-        from ..report.plotting import figure_style, lens_heatmap
 
         v = self.votes
         rows = {s: i for i, s in enumerate(v.index)}

@@ -34,10 +34,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from sklearn.metrics.pairwise import cosine_similarity
 
 from ..cluster.baselines import embed_answers, kmeans_scores
 from ..cluster.head import PseudoLabelHead
 from ..data.dataset import ImageDataset, load_dataset
+from ..data.synthetic import make_synthetic_dataset
 from ..errors import ConfigError
 from ..lens.keyword_rule import keyword_token_ids, split_scorable
 from ..lens.unembed import Unembed
@@ -57,7 +59,7 @@ from ..pipeline import (
 )
 from ..report.naming import as_probs, clean_token
 from ..report.paper_numbers import PAPER_MODEL, beside_paper
-from ..report.plotting import provenance
+from ..report.plotting import caption_text, provenance
 from ..report.result import EsmcResult
 from ..report.trajectory import LensTrajectory
 from ..residual.cache import ResidualCache
@@ -179,7 +181,6 @@ def resolve_dataset(data: str | Path | None, dataset: str, outputs: Path,
         else:
             why = "ESMC_DATA is not set"
     root = outputs / f"synthetic-{n_synthetic}"
-    from ..data.synthetic import make_synthetic_dataset
 
     make_synthetic_dataset(root, n_images=n_synthetic, seed=0)
     note = f"synthetic dataset ({n_synthetic} images) at {root}"
@@ -733,9 +734,8 @@ def method_ablation(bench: Workbench, criteria: Sequence[str] | None = None,
 def _cos_within(X: np.ndarray) -> float:
     if len(X) < 2:
         return float("nan")
-    Z = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    S = Z @ Z.T
-    n = len(Z)
+    S = cosine_similarity(X)
+    n = len(X)
     return float((S.sum() - np.trace(S)) / (n * (n - 1)))
 
 
@@ -874,7 +874,6 @@ def failure_captions(cases: pd.DataFrame, width: int = 34) -> list[str]:
     """Figure 9's captions: the true class, the class the image's cluster was matched to
     (and the cluster's lens name), the lens's words at the target and the answer, wrapped
     at word boundaries (never cut mid-phrase)."""
-    from ..report.plotting import caption_text
 
     return [caption_text([f"true: {r.true}",
                           f"assigned: {r.matched_class} (cluster '{r.cluster_name}', "

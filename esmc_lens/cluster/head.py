@@ -35,6 +35,7 @@ import math
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
+from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state
@@ -492,10 +493,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         """
         check_is_fitted(self, "head_")
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        logits = self._logits(self._head_input(X)).astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        proba = np.exp(logits)
-        return proba / proba.sum(axis=1, keepdims=True)
+        return softmax(self._logits(self._head_input(X)).astype(np.float64), axis=1)
 
     def fit_predict(self, X: ArrayLike, y: object = None) -> np.ndarray:
         """Fit and return ``labels_``.

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from ..errors import ConfigError
+from .tokens import decode_each
 
 
 @dataclass
@@ -109,7 +110,7 @@ def keyword_token_ids(tokenizer, keywords: Sequence[str]) -> KeywordTokens:
             owners.setdefault(t, []).append(kw.strip())
         groups.append(ids)
         cleaned.append(kw.strip())
-        shown[kw.strip()] = [tokenizer.decode([i]) for i in ids]
+        shown[kw.strip()] = decode_each(tokenizer, ids)
     if unscorable:
         raise ConfigError(
             f"keywords {unscorable} cannot be scored by the lens: no surface form is one "

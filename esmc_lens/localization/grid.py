@@ -14,6 +14,7 @@ import pandas as pd
 from ..errors import ConfigError
 from ..lens.keyword_rule import keyword_token_ids
 from ..lens.readout import keyword_probs
+from ..lens.tokens import decode_each
 from ..lens.unembed import Unembed
 from ..residual.cache import ResidualCache
 from .votes import cell_labels
@@ -50,7 +51,6 @@ def keyword_grid(cache: ResidualCache, image: int, keyword: str,
     values[:, (cache.positions[image] < 0).numpy()] = np.nan
     grid = pd.DataFrame(values, index=pd.Index(cache.stream, name="layer"),
                         columns=pd.Index(cell_labels(cache), name="position"))
-    grid.attrs["tokens"] = ([tokenizer.decode([t]) for t in groups[0]]
-                            if groups is not None else [])
+    grid.attrs["tokens"] = decode_each(tokenizer, groups[0]) if groups is not None else []
     grid.attrs["source"] = source
     return grid

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EsmcWarning
+from ..lens.keyword_rule import split_scorable
 from ..validate import KEYWORD_SOURCES
 
 if TYPE_CHECKING:
@@ -380,8 +381,6 @@ def choose_keywords(vlm: VLM, prompt: str, keywords=None, images=None,
     """
     import warnings
 
-    from ..errors import EsmcWarning
-    from ..lens.keyword_rule import split_scorable
 
     if source not in KEYWORD_SOURCES:
         raise ConfigError(f"keyword_source={source!r}: use one of {KEYWORD_SOURCES}")

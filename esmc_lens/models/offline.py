@@ -76,6 +76,7 @@ from torch import nn
 
 from ..errors import WeightsError
 from . import weights
+from .efficientnet import EfficientNetLite0, imagenet_class_names, short_class_names
 
 OFFLINE_NAME = "offline"
 OFFLINE_VERSION = "3"  # 3: colour prototypes and width reset from their sources
@@ -194,7 +195,6 @@ class OfflineVisionTower(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from .efficientnet import EfficientNetLite0
 
         self.encoder = EfficientNetLite0()
         self.register_buffer("colour_lab", prototype_lab().float())
@@ -372,7 +372,6 @@ def convert(out_dir: Path | None = None) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from .efficientnet import imagenet_class_names, short_class_names
 
     out_dir = out_dir or offline_dir()
     gguf = weights.fetch(weights.SMOLLM2)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelError
+from . import weights
 
 __all__ = [
     "DEFAULT_CLIP",
@@ -157,7 +158,6 @@ class MiniLMEncoder(TextEncoder):
         from transformers import AutoModel, AutoTokenizer
 
         if path is None:
-            from . import weights
 
             path = weights.fetch(weights.MINILM)
             default_name = "all-MiniLM-L6-v2"

@@ -19,8 +19,10 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import ConfigError
+from .families import IDEFICS3_TILES
 from .processors import PixtralTextImageProcessor, build_image_only
-from .tiny import build_tokenizer
+from .tiny import build_tiny_llava, build_tokenizer
 
 D_MODEL, N_LAYERS = 64, 3
 
@@ -265,7 +267,6 @@ def _internvl(seed: int):
 def _idefics3(kind: str, seed: int):
     import transformers
 
-    from .families import IDEFICS3_TILES
 
     specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                 *IDEFICS3_TILES]
@@ -345,7 +346,6 @@ def _pixtral(kind: str, seed: int):
 
 
 def _llava(seed: int, **kwargs):
-    from .tiny import build_tiny_llava
 
     return build_tiny_llava(seed=seed, **kwargs)  # sizes may be given (load_model("tiny", ...))
 
@@ -374,7 +374,6 @@ def build_tiny_family(key: str, seed: int = 0, **kwargs):
 
     ``kwargs`` (LLaVA only) are :func:`~esmc_lens.models.tiny.build_tiny_llava`'s sizes.
     """
-    from ..errors import ConfigError
 
     if key not in TINY_BUILDERS:
         raise ConfigError(f"no tiny model {key!r}: use 'tiny:<name>' with one of "

@@ -25,7 +25,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from ..validate import check_device, check_dtype, check_prompt
 from .families import Family, family_of
+from .offline import load_offline
+from .processors import load_processor
+from .tiny_families import build_tiny_family
 
 DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
 
@@ -226,7 +230,6 @@ class VLM:
     # -- prompts and inputs -------------------------------------------------------------
     def format_prompt(self, prompt: str, style: str | None = None) -> str:
         """The full model input text for one image and one criterion prompt."""
-        from ..validate import check_prompt
 
         image_token = getattr(self.processor, "image_token", None) or "<image>"
         check_prompt(prompt, image_token)
@@ -239,12 +242,18 @@ class VLM:
             raise ConfigError(f"{type(self.processor).__name__} of {self.name!r} has no chat "
                               f"template, so prompt style {style!r} cannot be used: use "
                               "prompt_style='plain'")
-        user = prompt if style == "chat" else COMPLETION_INSTRUCTION
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": user}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
-        return text if style == "chat" else text + prompt.strip()
+        # Formatted once per (prompt, style, template): a sharded or cached capture asks for
+        # the same text at every step (key, metadata, every batch).
+        memo = self.__dict__.setdefault("_formatted", {})
+        key = (prompt, style, self.processor.chat_template)
+        if key not in memo:
+            user = prompt if style == "chat" else COMPLETION_INSTRUCTION
+            messages = [{"role": "user", "content": [{"type": "image"},
+                                                     {"type": "text", "text": user}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False)
+            memo[key] = text if style == "chat" else text + prompt.strip()
+        return memo[key]
 
     def encode(self, images: Sequence, prompts: str | Sequence[str], style: str | None = None):
         """Processor output for a batch (left padded), on the model's device and dtype.
@@ -335,17 +344,14 @@ def load_model(name: str = "offline", device: str | torch.device | None = None,
         model (a 135M chat model answers sentence stems better as a continuation), else the
         family's (PaliGemma: "plain", no chat template; the others: "chat").
     """
-    from ..validate import check_device, check_dtype
 
     device = check_device(device) if device is not None else default_device()
     dtype = check_dtype(dtype) or default_dtype(device)
     if name == "offline":
-        from .offline import load_offline
 
         model, processor = load_offline(device=device, dtype=dtype)
         prompt_style = prompt_style or "completion"
     elif name == "tiny" or name.startswith("tiny:"):
-        from .tiny_families import build_tiny_family
 
         model, processor = build_tiny_family(name.partition(":")[2] or "llava", **hf_kwargs)
         model.to(device=device, dtype=dtype)
@@ -358,7 +364,6 @@ def load_model(name: str = "offline", device: str | torch.device | None = None,
 def _load_hf(name: str, device: torch.device, dtype: torch.dtype, **hf_kwargs):
     from transformers import AutoConfig
 
-    from .processors import load_processor
 
     local = Path(name).expanduser()
     if not local.exists() and (name.startswith((".", "/", "~")) or "\\" in name):

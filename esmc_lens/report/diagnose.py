@@ -23,6 +23,10 @@ import pandas as pd
 from ..cluster.metrics import accuracy, nmi
 from ..errors import ConfigError
 from ..lens.keyword_rule import keyword_token_ids
+from ..lens.tokens import decode_each
+from ..lens.unembed import Unembed
+from ..localization.targets import target_embeddings
+from ..pipeline import capture_target_cells
 
 __all__ = ["ClassWordReadout", "lens_readout", "readout_for_run"]
 
@@ -82,7 +86,7 @@ def lens_readout(features_vocab: np.ndarray, tokenizer, class_names: list[str],
                            rownames=["true"], colnames=["lens reads"], dropna=False)
     top, counts = np.unique(P.argmax(axis=1), return_counts=True)
     order = np.argsort(-counts, kind="stable")[:n_top]
-    top_tokens = pd.DataFrame({"token": [tokenizer.decode([int(top[i])]) for i in order],
+    top_tokens = pd.DataFrame({"token": decode_each(tokenizer, top[order]),
                                "images": counts[order]})
     return ClassWordReadout(words=list(class_names), read=read, crosstab=crosstab,
                        nmi=nmi(y[seen], read[seen]), acc=accuracy(y[seen], read[seen]),
@@ -97,9 +101,6 @@ def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
     baselines on), so with the run's ``cache_dir`` (``esmc-lens run --cache-dir``) nothing is
     recomputed.
     """
-    from ..lens.unembed import Unembed
-    from ..localization.targets import target_embeddings
-    from ..pipeline import capture_target_cells
 
     if result.y_true is None or result.class_names is None:
         raise ConfigError("the run has no labels: a readout needs the criterion's classes")

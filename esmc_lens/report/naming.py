@@ -34,6 +34,7 @@ import torch
 
 from ..errors import ConfigError
 from ..lens.keyword_rule import KeywordTokens, keyword_token_ids
+from ..lens.tokens import decode_each
 from ..residual.cache import strip_token
 
 __all__ = ["as_probs", "clean_token", "name_clusters", "naming_accuracy"]
@@ -41,7 +42,7 @@ __all__ = ["as_probs", "clean_token", "name_clusters", "naming_accuracy"]
 
 def clean_token(tokenizer, token_id: int) -> str:
     """A token as a lower-case word ("" for whitespace/punctuation-only tokens)."""
-    word = strip_token(tokenizer.decode([int(token_id)]))
+    word = strip_token(decode_each(tokenizer, [token_id])[0])
     return word if any(ch.isalnum() for ch in word) else ""
 
 

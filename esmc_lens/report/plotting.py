@@ -428,10 +428,11 @@ def sweep_figure(sweeps: dict, baselines: dict, model: str, x: str = "alpha",
 
 
 def method_bars_figure(df, model: str, metrics: Sequence[str] = ("nmi", "ri"),
-                       paper_prefix: str = "paper_", title: str = "", quick: bool = False):
+                       paper_prefix: str = "paper_", title: str = "", quick: bool = False,
+                       errorbars: bool = False):
     """Grouped bars of ``{metric}_mean`` per (criterion, method) in each method's fixed
     colour, with the paper's value of the same method as a black tick where the table has a
-    ``paper_{metric}...`` column."""
+    ``paper_{metric}...`` column; ``errorbars``: ± ``{metric}_std`` (the spread over seeds)."""
     crits = list(dict.fromkeys(df["criterion"]))
     methods = list(dict.fromkeys(df["method"]))
     with figure_style("two"):
@@ -443,7 +444,9 @@ def method_bars_figure(df, model: str, metrics: Sequence[str] = ("nmi", "ri"),
             for j, meth in enumerate(methods):
                 sub = df[df["method"] == meth].set_index("criterion").reindex(crits)
                 xs = np.arange(len(crits)) + j * width
-                ax.bar(xs, sub[f"{m}_mean"], width, label=meth, color=method_color(meth))
+                err = sub[f"{m}_std"] if errorbars and f"{m}_std" in sub else None
+                ax.bar(xs, sub[f"{m}_mean"], width, yerr=err, capsize=2, label=meth,
+                       color=method_color(meth))
                 if pcol is not None:
                     pv = sub[pcol].to_numpy(dtype=float)
                     ok = ~np.isnan(pv)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..cluster.metrics import clustering_scores
 from ..errors import ConfigError, EsmcWarning, OutputError, write_failure
 from ..localization.keywords import Keywords
 from ..localization.votes import Localization
@@ -234,7 +235,6 @@ class MultiResult:
         criterion's ground truth where known (rows: labelings; columns: ``"<c> clusters"``
         and ``"<c> labels"``). Distinct criteria should give distinct partitions: high NMI
         on the diagonal of the labels block, low elsewhere."""
-        from ..cluster.metrics import clustering_scores
 
         rows = {}
         for a, ra in self.results.items():

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from ..lens.keyword_rule import keyword_token_ids
+from ..lens.tokens import token_strings
 from ..lens.unembed import Unembed
 from ..residual.cache import ResidualCache
 from .plotting import (
@@ -36,19 +37,9 @@ from .plotting import (
     token_label,
 )
 
-__all__ = ["STATISTICS", "LensTrajectory", "token_strings"]
+__all__ = ["STATISTICS", "LensTrajectory"]
 
 STATISTICS = ("probability", "entropy", "keyword", "rank")
-
-
-def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Raw token strings (``Ġcolor``) where the tokenizer gives them, else decoded text."""
-    conv = getattr(tokenizer, "convert_ids_to_tokens", None)
-    if conv is not None:
-        out = conv([int(i) for i in ids])
-        if all(isinstance(t, str) for t in out):
-            return out
-    return [tokenizer.decode([int(i)]) for i in ids]
 
 
 @dataclass

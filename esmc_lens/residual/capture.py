@@ -42,11 +42,11 @@ from ..lens.readout import readout
 from ..lens.unembed import LensWorkspace, Unembed
 from ..models.vlm import VLM
 from .cache import ResidualCache, strip_token
+from .options import CaptureOptions, PositionSpec
 
 ENGINES = ("auto", "hooks", "nnsight")
 LENS_CHUNK_BYTES = 256 << 20  # logits of one lens chunk (fp32), e.g. 1365 x 49152 x 4
 
-PositionSpec = str | slice | Sequence[int] | Sequence[str]
 
 
 def resolve_positions(tokens: list[str], image_stop: int, spec: PositionSpec) -> list[int]:
@@ -87,19 +87,15 @@ def capture(
     vlm: VLM,
     images,
     prompt: str | Sequence[str],
+    options: CaptureOptions | None = None,
     *,
-    positions: PositionSpec = "prompt",
-    layers: Sequence[int] | None = None,
     batch_size: int | str = 8,
-    store_dtype: torch.dtype = torch.float16,
-    keywords: Sequence[str] | None = None,
-    top_k: int = 0,
-    vision: bool = False,
     image_ids: Sequence[str] | None = None,
     progress: bool = True,
     engine: str = "auto",
     remote: bool | str = False,
     prefetch: bool | None = None,
+    **option_fields,
 ) -> ResidualCache:
     """Run ``vlm`` on ``images`` with ``prompt`` and keep the residual stream.
 
@@ -108,20 +104,19 @@ def capture(
     images : PIL images, image paths, or an :class:`~esmc_lens.data.dataset.ImageDataset`
         (read lazily, one batch at a time).
     prompt : one criterion prompt, or one per image.
-    positions : see :func:`resolve_positions` (default: the prompt's tokens after the image).
-    layers : stream indices to keep (0 = embeddings, l + 1 = after decoder layer l);
-        default all ``n_layers + 1``.
+    options, **option_fields : what to keep, a
+        :class:`~esmc_lens.residual.options.CaptureOptions` and/or its fields by name:
+        ``positions`` (default the prompt's tokens after the image, see
+        :func:`resolve_positions`), ``layers`` (stream indices: 0 = embeddings, l + 1 =
+        after decoder layer l; default all), ``store_dtype`` (fp16 by default; float32 for
+        exact comparisons), ``keywords`` and ``top_k`` (lens readouts computed on the device
+        during capture), ``vision`` (also keep what the vision side gives the language
+        model about each image, :meth:`~esmc_lens.models.vlm.VLM.vision_side`, concatenated
+        in ``cache.vision`` [n_images, d]; ``cache.meta["vision_blocks"]`` names each block
+        and its width, in order).
     batch_size : images per forward pass, or ``"auto"`` (:func:`auto_batch_size`).
         Batch composition changes padding and kernel shapes, hence the last bits of the
         states: compare captures made with the same batch size.
-    store_dtype : dtype of the stored states (fp16 halves the memory; use float32 for
-        exact comparisons).
-    keywords, top_k : lens readouts to compute on the device during capture.
-    vision : also keep what the vision side gives the language model about each image
-        (:meth:`~esmc_lens.models.vlm.VLM.vision_side`: the vision tower's pooled feature;
-        for the offline model also its colour reader's features), concatenated in
-        ``cache.vision`` [n_images, d]; ``cache.meta["vision_blocks"]`` names each block and
-        its width, in order (:meth:`ResidualCache.vision_blocks` reads it).
     engine : ``"hooks"`` (default; ``"auto"`` picks it unless ``remote``) or
         ``"nnsight"``; both give the same tensors bit for bit.
     remote : run the forward passes through nnsight's remote execution: ``True`` sends
@@ -133,18 +128,18 @@ def capture(
         model runs on the current one; default (``None``) on CUDA, or on the CPU when torch
         leaves a core free (otherwise the thread only competes with the model for cores).
     """
+    opts = CaptureOptions.of(options, **option_fields)
     source, prompts = capture_inputs(images, prompt, image_ids)
     if batch_size == "auto":
-        batch_size = auto_batch_size(vlm, source.load(0), prompts[0], positions=positions,
-                                     layers=layers)
-    settings = dict(positions=positions, layers=layers, batch_size=batch_size,
-                    store_dtype=store_dtype, keywords=keywords, top_k=top_k, vision=vision,
-                    engine=engine, remote=remote, prefetch=prefetch)
+        batch_size = auto_batch_size(vlm, source.load(0), prompts[0], positions=opts.positions,
+                                     layers=opts.layers)
     n_batches = -(-source.n // _check_batch_size(batch_size))
-    parts = [part for _, part in _progress(iter_capture(vlm, source, prompts, **settings),
-                                           progress, total=n_batches, desc="capture")]
+    parts = [part for _, part in _progress(
+        iter_capture(vlm, source, prompts, opts, batch_size=batch_size, engine=engine,
+                     remote=remote, prefetch=prefetch),
+        progress, total=n_batches, desc="capture")]
     cache = ResidualCache.concat(parts)
-    cache.meta = _meta(vlm, prompts, positions, store_dtype, parts[0].meta)
+    cache.meta = _meta(vlm, prompts, opts.positions, opts.store_dtype, parts[0].meta)
     return cache
 
 
@@ -152,19 +147,15 @@ def iter_capture(
     vlm: VLM,
     images,
     prompt: str | Sequence[str],
+    options: CaptureOptions | None = None,
     *,
-    positions: PositionSpec = "prompt",
-    layers: Sequence[int] | None = None,
     batch_size: int = 8,
-    store_dtype: torch.dtype = torch.float16,
-    keywords: Sequence[str] | None = None,
-    top_k: int = 0,
-    vision: bool = False,
     image_ids: Sequence[str] | None = None,
     engine: str = "auto",
     remote: bool | str = False,
     prefetch: bool | None = None,
     batches: Iterable[int] | None = None,
+    **option_fields,
 ) -> Iterator[tuple[list[int], ResidualCache]]:
     """Capture batch by batch: yields ``(image indices, cache of that batch)``.
 
@@ -174,9 +165,10 @@ def iter_capture(
     carries the metadata :func:`capture` would give that batch alone, so it can be saved
     as a shard on its own. Only one batch's states are held at a time.
     """
+    opts = CaptureOptions.of(options, **option_fields)
     source, prompts = capture_inputs(images, prompt, image_ids)
     _check_batch_size(batch_size)
-    plan = _plan(vlm, layers, keywords, top_k, vision, engine, remote)
+    plan = _plan(vlm, opts, engine, remote)
     n_batches = -(-source.n // batch_size)
     todo = list(range(n_batches)) if batches is None else [int(b) for b in batches]
     bad = [b for b in todo if not 0 <= b < n_batches]
@@ -188,11 +180,11 @@ def iter_capture(
     def prepare(b: int) -> _Prepared:
         idx = list(range(b * batch_size, min((b + 1) * batch_size, source.n)))
         return _prepare(vlm, [source.load(i) for i in idx], [prompts[i] for i in idx],
-                        positions, idx, [source.ids[i] for i in idx])
+                        opts.positions, idx, [source.ids[i] for i in idx])
 
     def run(prep: _Prepared) -> tuple[list[int], ResidualCache]:
-        part = _capture_prepared(vlm, prep, plan, store_dtype)
-        part.meta = _meta(vlm, prep.prompts, positions, store_dtype, base_meta,
+        part = _capture_prepared(vlm, prep, plan, opts.store_dtype)
+        part.meta = _meta(vlm, prep.prompts, opts.positions, opts.store_dtype, base_meta,
                           kw=plan.kw, formatted=prep.formatted) | part.meta
         return prep.index, part
 
@@ -248,7 +240,8 @@ def _check_batch_size(batch_size) -> int:
     return batch_size
 
 
-def _plan(vlm, layers, keywords, top_k, vision, engine, remote) -> _Plan:
+def _plan(vlm, opts: CaptureOptions, engine, remote) -> _Plan:
+    layers, keywords, top_k, vision = opts.layers, opts.keywords, opts.top_k, opts.vision
     stream = list(range(vlm.n_layers + 1)) if layers is None else sorted(set(layers))
     if not stream or stream[0] < 0 or stream[-1] > vlm.n_layers:
         raise ConfigError(f"layers={layers}: stream indices run 0..{vlm.n_layers}")

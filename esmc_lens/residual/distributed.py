@@ -39,12 +39,15 @@ from pathlib import Path
 
 import torch
 
-from ..data.dataset import IMAGE_EXTENSIONS, walk_files
+from ..data.dataset import IMAGE_EXTENSIONS, ImageDataset, walk_files
 from ..data.source import ImageSource
 from ..errors import ConfigError
 from ..models.vlm import VLM
+from . import store
 from .cache import ResidualCache
 from .capture import capture_inputs, iter_capture
+from .options import CaptureOptions
+from .store import cached_capture
 
 __all__ = ["DistEnv", "capture_sharded", "capture_to_disk", "dist_env",
            "list_images", "merge_capture", "shard_batches"]
@@ -52,27 +55,6 @@ __all__ = ["DistEnv", "capture_sharded", "capture_to_disk", "dist_env",
 # capture()'s defaults: options equal to them are left out of the store's settings key, so
 # ``cached_capture(vlm, images, prompt, cache_dir=..., keywords=[...])`` finds the shards
 # this module wrote with the same non-default options.
-_DEFAULTS = {"positions": "prompt", "layers": None, "store_dtype": torch.float16,
-             "keywords": None, "top_k": 0, "vision": False}
-
-
-def _options(**options) -> dict:
-    unknown = set(options) - set(_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown capture options {sorted(unknown)}; use {sorted(_DEFAULTS)}")
-    out = {}
-    for k, v in options.items():
-        default = _DEFAULTS[k]
-        if k in ("keywords", "layers") and v is not None:
-            v = list(v)
-        if v is None and default is None:
-            continue
-        if v == default and type(v) is type(default):
-            continue
-        out[k] = v
-    return out
-
-
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files below ``folder`` (recursively, sorted by path), by the dataset loader's
     rules (:func:`~esmc_lens.data.dataset.walk_files`: hidden entries skipped, links
@@ -91,7 +73,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def _image_list(images) -> list:
-    from ..data.dataset import ImageDataset
 
     return list(images.paths) if isinstance(images, ImageDataset) else list(images)
 
@@ -108,7 +89,8 @@ def capture_to_disk(
     progress: bool = True,
     engine: str = "auto",
     prefetch: bool | None = None,
-    **options,
+    options: CaptureOptions | None = None,
+    **option_fields,
 ) -> dict:
     """Capture ``images`` and write one shard per batch; return a summary, not the states.
 
@@ -120,8 +102,9 @@ def capture_to_disk(
     cache_dir : the store's folder (default ``$ESMC_LENS_CACHE/captures``).
     batches : batch numbers to capture (batch ``b`` = images ``b*B .. b*B + B - 1``),
         default all.
-    **options : ``positions``, ``layers``, ``store_dtype``, ``keywords``, ``top_k``,
-        ``vision`` (part of the store's key; read back with the same options).
+    options, **option_fields : what to keep
+        (:class:`~esmc_lens.residual.options.CaptureOptions` and/or its fields; part of the
+        store's key: read back with the same options).
 
     Returns
     -------
@@ -130,11 +113,10 @@ def capture_to_disk(
         this call covered), ``computed``, ``skipped`` (already on disk), ``images``
         (how many images this call covered).
     """
-    from . import store
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1")
-    opts = _options(**options)
+    opts = CaptureOptions.of(options, **option_fields)
     items = _image_list(images)
     source, prompts = capture_inputs(images, prompt, image_ids)
     n_batches = -(-source.n // batch_size)
@@ -142,7 +124,7 @@ def capture_to_disk(
     if any(not 0 <= b < n_batches for b in todo):
         raise ConfigError(f"batches out of range: {source.n} images make {n_batches} "
                           f"batches of {batch_size}")
-    root, entry, key = store.open_entry(vlm, prompts, batch_size, cache_dir, **opts)
+    root, entry, key = store.open_entry(vlm, prompts, batch_size, cache_dir, opts)
     shards = entry / "shards"
     paths: dict[int, Path] = {}
     for b in todo:
@@ -156,8 +138,8 @@ def capture_to_disk(
 
         bar = tqdm(total=len(missing), desc="capture to disk")
     for b, (_, part) in zip(missing, iter_capture(
-            vlm, source, prompts, batch_size=batch_size, batches=missing, engine=engine,
-            prefetch=prefetch, **{**_DEFAULTS, **opts}), strict=True):
+            vlm, source, prompts, opts, batch_size=batch_size, batches=missing, engine=engine,
+            prefetch=prefetch), strict=True):
         store.save_shard(part, paths[b], root)
         del part
         if bar is not None:
@@ -173,12 +155,12 @@ def capture_to_disk(
 def merge_capture(vlm: VLM, images, prompt: str | Sequence[str],
                   cache_dir: str | os.PathLike | None = None, *, batch_size: int = 8,
                   image_ids: Sequence[str] | None = None, progress: bool = False,
-                  **options) -> ResidualCache:
+                  options: CaptureOptions | None = None, **option_fields) -> ResidualCache:
     """All shards of ``images`` read back as one cache (missing ones are captured)."""
-    from .store import cached_capture
 
-    return cached_capture(vlm, images, prompt, cache_dir, batch_size=batch_size,
-                          image_ids=image_ids, progress=progress, **_options(**options))
+    return cached_capture(vlm, images, prompt, cache_dir, CaptureOptions.of(options,
+                                                                          **option_fields),
+                          batch_size=batch_size, image_ids=image_ids, progress=progress)
 
 
 # -- torch.distributed -------------------------------------------------------------------
@@ -259,7 +241,8 @@ def capture_sharded(
     progress: bool = False,
     engine: str = "auto",
     prefetch: bool | None = None,
-    **options,
+    options: CaptureOptions | None = None,
+    **option_fields,
 ) -> tuple[dict, ResidualCache | None]:
     """This rank's share of a sharded capture; rank 0 also merges.
 
@@ -273,11 +256,12 @@ def capture_sharded(
         raise ConfigError("merging a sharded capture needs the process group (to wait for "
                           "every rank): initialise torch.distributed, or pass merge=False "
                           "and merge afterwards with merge_capture")
+    opts = CaptureOptions.of(options, **option_fields)
     n = ImageSource.of(images, image_ids).n
     mine = shard_batches(n, batch_size, env.rank, env.world_size)
     done = capture_to_disk(vlm, images, prompt, cache_dir, batch_size=batch_size,
                            batches=mine, image_ids=image_ids, progress=progress,
-                           engine=engine, prefetch=prefetch, **options)
+                           engine=engine, prefetch=prefetch, options=opts)
     done.update({"rank": env.rank, "first_batch": mine.start, "stop_batch": mine.stop})
     ranks = [done]
     if env.world_size > 1 and env.backend is not None:
@@ -290,6 +274,6 @@ def capture_sharded(
     cache = None
     if merge and env.is_main:
         cache = merge_capture(vlm, images, prompt, cache_dir, batch_size=batch_size,
-                              image_ids=image_ids, **options)
+                              image_ids=image_ids, options=opts)
         summary["merged"] = cache.meta.get("capture_cache")
     return summary, cache

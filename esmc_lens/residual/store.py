@@ -65,12 +65,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.dataset import ImageDataset
+from ..data.images import open_rgb
+from ..data.source import image_items
 from ..errors import CaptureError, ConfigError, EsmcWarning, ImageError, write_failure
 from ..lens.keyword_rule import keyword_token_ids
 from ..models.vlm import VLM, library_versions
+from ..models.weights import cache_dir
 from ..validate import check_writable_dir, temp_name, writer_gone
 from .cache import ResidualCache, file_sha256
-from .capture import capture, capture_inputs
+from .capture import auto_batch_size, capture, capture_inputs
+from .options import CaptureOptions
 
 __all__ = ["CACHE_DIR_FIX", "STORE_VERSION", "cache_key", "cache_write_error",
            "cached_capture", "default_capture_dir", "image_fingerprints", "model_fingerprint",
@@ -84,7 +89,6 @@ CACHE_DIR_FIX = ("set --cache-dir (CLI) or cache_dir= (API) or ESMC_LENS_CACHE t
 
 def default_capture_dir() -> Path:
     """``$ESMC_LENS_CACHE/captures`` (see :func:`esmc_lens.models.weights.cache_dir`)."""
-    from ..models.weights import cache_dir
 
     return cache_dir() / "captures"
 
@@ -114,7 +118,6 @@ def _file_sha256(path: Path) -> str:
 def image_fingerprints(images) -> list[str]:
     """SHA-256 of every image's content: file bytes for paths and datasets, mode + size +
     pixels for PIL images."""
-    from ..data.dataset import ImageDataset
 
     if isinstance(images, ImageDataset):
         return [_file_sha256(p) for p in images.paths]
@@ -168,35 +171,6 @@ def _tokenizer_sha(tok) -> str:
 
 # Options of capture() that do not change its result (bit-identical by design, see
 # esmc_lens.residual.capture): left out of the key so they can differ between a run and its rerun.
-_NO_EFFECT = frozenset({"engine", "prefetch", "progress", "image_ids", "batch_size"})
-
-
-def _capture_options(kw: dict) -> dict:
-    """The capture options as plain JSON, capture()'s defaults filled in (so an option given
-    at its default value and the same option left out give the same key)."""
-    import inspect
-
-    defaults = {k: p.default for k, p in inspect.signature(capture).parameters.items()
-                if p.default is not inspect.Parameter.empty and k not in _NO_EFFECT}
-    full = {**defaults, **{k: v for k, v in kw.items() if k not in _NO_EFFECT}}
-    out = {}
-    for k, v in sorted(full.items()):
-        if k == "layers" and v is not None:
-            v = sorted({int(x) for x in v})  # capture() sorts and dedupes them too
-        if isinstance(v, torch.dtype):
-            v = str(v).replace("torch.", "")
-        elif isinstance(v, slice):
-            v = repr(v)
-        elif isinstance(v, str | int | float | bool) or v is None:
-            pass
-        elif isinstance(v, Sequence) or hasattr(v, "__iter__"):
-            v = [x if isinstance(x, str | int | float) else repr(x) for x in v]
-        else:
-            v = repr(v)
-        out[k] = v
-    return out
-
-
 # Config fields that record how a model was last loaded or saved, not what it computes
 # (``save_pretrained`` fills in ``dtype``); the dtype the capture runs in is keyed apart.
 _VOLATILE_CONFIG = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
@@ -211,10 +185,14 @@ def _config_sha(config) -> str:
     return _sha(_json(strip(json.loads(config.to_json_string(use_diff=False)))))
 
 
-def cache_key(vlm: VLM, prompts: Sequence[str], batch_size: int, **capture_kwargs
-              ) -> tuple[str, dict]:
-    """(settings key, the document it hashes) for a capture of ``vlm`` with ``prompts``."""
+def cache_key(vlm: VLM, prompts: Sequence[str], batch_size: int,
+              options: CaptureOptions | None = None, *, remote: bool | str = False,
+              **option_fields) -> tuple[str, dict]:
+    """(settings key, the document it hashes) for a capture of ``vlm`` with ``prompts`` and
+    the :class:`~esmc_lens.residual.options.CaptureOptions` ``options`` (or its fields)."""
     import PIL
+
+    opts = CaptureOptions.of(options, **option_fields)
 
     processor = vlm.processor
     image_processor = getattr(processor, "image_processor", None)
@@ -235,10 +213,10 @@ def cache_key(vlm: VLM, prompts: Sequence[str], batch_size: int, **capture_kwarg
         "prompts": unique if len(unique) <= 8 else _sha(_json(unique)),
         "formatted_prompts": ([vlm.format_prompt(p) for p in unique] if len(unique) <= 8
                               else _sha(_json([vlm.format_prompt(p) for p in unique]))),
-        "capture": _capture_options(capture_kwargs),
+        "capture": opts.key_doc() | {"remote": remote},
         # the token ids the keyword rule scores: a change of the rule is a new capture
-        "keyword_token_ids": (keyword_token_ids(vlm.tokenizer, capture_kwargs["keywords"]).groups
-                              if capture_kwargs.get("keywords") else None),
+        "keyword_token_ids": (keyword_token_ids(vlm.tokenizer, opts.keywords).groups
+                              if opts.keywords else None),
         "batch_size": int(batch_size),
         "versions": {**library_versions(), "pillow": PIL.__version__,
                      "python": ".".join(map(str, sys.version_info[:2]))},
@@ -361,13 +339,14 @@ def cache_write_error(root: Path, exc: BaseException, doing: str = "",
 
 
 def open_entry(vlm: VLM, prompts: Sequence[str], batch_size: int,
-               cache_dir: str | os.PathLike | None = None, **capture_kwargs
+               cache_dir: str | os.PathLike | None = None,
+               options: CaptureOptions | None = None, **key_kwargs
                ) -> tuple[Path, Path, str]:
     """``(root, entry folder, settings key)`` of a capture, its folder created and its
     ``settings.json`` written; ``CaptureError`` (with the fix) if it cannot be written."""
     root = check_writable_dir(default_capture_dir() if cache_dir is None else cache_dir,
                               "capture cache directory", CACHE_DIR_FIX)
-    key, doc = cache_key(vlm, prompts, batch_size, **capture_kwargs)
+    key, doc = cache_key(vlm, prompts, batch_size, options, **key_kwargs)
     entry = root / f"{_slug(vlm.name)}-{key[:16]}"
     try:
         (entry / "shards").mkdir(parents=True, exist_ok=True)
@@ -392,11 +371,15 @@ def cached_capture(
     images,
     prompt: str | Sequence[str],
     cache_dir: str | os.PathLike | None = None,
+    options: CaptureOptions | None = None,
     *,
     batch_size: int | str = 8,
     image_ids: Sequence[str] | None = None,
     progress: bool = True,
-    **capture_kwargs,
+    engine: str = "auto",
+    remote: bool | str = False,
+    prefetch: bool | None = None,
+    **option_fields,
 ) -> ResidualCache:
     """:func:`~esmc_lens.residual.capture.capture`, one disk shard per batch, resumable.
 
@@ -406,9 +389,10 @@ def cached_capture(
         As for :func:`~esmc_lens.residual.capture.capture`.
     cache_dir : folder of the cache (created if needed); default
         :func:`default_capture_dir` (``$ESMC_LENS_CACHE/captures``).
-    **capture_kwargs
-        ``positions``, ``layers``, ``store_dtype``, ``keywords``, ``top_k``, ``vision``:
-        passed to ``capture`` and part of the cache key.
+    options, **option_fields
+        What to keep (:class:`~esmc_lens.residual.options.CaptureOptions` and/or its fields):
+        passed to ``capture`` and part of the cache key (so is ``remote``; ``engine`` and
+        ``prefetch`` change no value and are not).
 
     Returns
     -------
@@ -422,23 +406,20 @@ def cached_capture(
     CaptureError
         The cache folder is read-only or full (nothing is lost: saved batches stay).
     """
-    from ..data.dataset import ImageDataset
-    from ..data.source import image_items
 
     if not isinstance(images, ImageDataset):
         images = image_items(images)
+    opts = CaptureOptions.of(options, **option_fields)
     source, prompts = capture_inputs(images, prompt, image_ids)
     if batch_size == "auto":
-        from .capture import auto_batch_size
 
-        batch_size = auto_batch_size(vlm, source.load(0), prompts[0],
-                                     positions=capture_kwargs.get("positions", "prompt"),
-                                     layers=capture_kwargs.get("layers"))
+        batch_size = auto_batch_size(vlm, source.load(0), prompts[0], positions=opts.positions,
+                                     layers=opts.layers)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1 or 'auto'")
     for p in set(prompts):
         vlm.format_prompt(p)  # a bad prompt fails here, before any hashing or writing
-    root, entry, key = open_entry(vlm, prompts, batch_size, cache_dir, **capture_kwargs)
+    root, entry, key = open_entry(vlm, prompts, batch_size, cache_dir, opts, remote=remote)
     shards = entry / "shards"
     batches = [list(range(s, min(s + batch_size, source.n)))
                for s in range(0, source.n, batch_size)]
@@ -449,11 +430,9 @@ def cached_capture(
                 "shards": [{"key": k[:32], "start": b[0], "stop": b[-1] + 1,
                             "image_ids": [source.ids[i] for i in b]}
                            for k, b in zip(skeys, batches, strict=True)]}
-    expect = {"stream": (sorted({int(x) for x in capture_kwargs["layers"]})
-                         if capture_kwargs.get("layers") is not None
+    expect = {"stream": (list(opts.layers) if opts.layers is not None
                          else list(range(vlm.n_layers + 1))),
-              "keywords": (list(capture_kwargs["keywords"]) if capture_kwargs.get("keywords")
-                           else None)}
+              "keywords": list(opts.keywords) if opts.keywords else None}
     load = _verified_loader(images, source, prints)
 
     parts: list[ResidualCache] = []
@@ -473,9 +452,10 @@ def cached_capture(
                     + (f" .. {source.ids[b[-1]]}" if len(b) > 1 else ""))
             part = _load_shard(path, len(b), what, expect)
             if part is None:
-                part = capture(vlm, [load(i) for i in b], [prompts[i] for i in b],
+                part = capture(vlm, [load(i) for i in b], [prompts[i] for i in b], opts,
                                batch_size=len(b), image_ids=[source.ids[i] for i in b],
-                               progress=False, **capture_kwargs)
+                               progress=False, engine=engine, remote=remote,
+                               prefetch=prefetch)
                 save_shard(part, path, root)
                 computed += 1
             else:
@@ -505,8 +485,6 @@ def _verified_loader(images, source, prints: Sequence[str]):
     """``load(i)``: image ``i``, whose file content is checked against the fingerprint the
     shard keys were computed from (read once, hashed, decoded from the same bytes), so a
     file rewritten during the run can never be stored under its old content's key."""
-    from ..data.dataset import ImageDataset
-    from ..data.images import open_rgb
 
     if isinstance(images, ImageDataset):  # also checks the file is as it was at load
         return lambda i: images.open(i, expect_sha256=prints[i])
