@@ -15,7 +15,8 @@ class WordTokenizer:
     """One token per word (any case, with or without a leading space)."""
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [WORDS.index(text.strip().lower())]
+        word = text.strip().lower()
+        return [WORDS.index(word)] if word in WORDS else [3, 4]  # unknown: "a" + "the"
 
     def decode(self, ids) -> str:
         return " " + WORDS[int(ids[0])]
@@ -42,6 +43,22 @@ def test_readout_counts_and_scores_by_hand():
     assert r.class_mass == pytest.approx(1.0)
     assert r.top_tokens["token"].tolist()[:2] == [" red", " pink"]
     assert r.top_tokens["images"].tolist()[:2] == [4, 3]
+
+
+def test_a_class_the_lens_cannot_score_is_never_read_and_said_so():
+    from esmc_lens.errors import ConfigError, EsmcWarning
+
+    X = probs([[6, 3, 1, 0, 0], [1, 7, 2, 0, 0], [1, 1, 8, 0, 0], [2, 1, 7, 0, 0]])
+    y = np.array([0, 1, 2, 3])  # the last image is a hyacinth
+    with pytest.warns(EsmcWarning, match=r"\['hyacinth'\] cannot be scored"):
+        r = lens_readout(X, WordTokenizer(), ["red", "pink", "white", "hyacinth"], y)
+    assert r.words == ["red", "pink", "white"] and r.unread == ["hyacinth"]
+    np.testing.assert_array_equal(r.read, [0, 1, 2, 2])  # codes into the class names
+    assert list(r.crosstab.columns) == ["red", "pink", "white"]
+    assert r.crosstab.loc["hyacinth"].tolist() == [0, 0, 1]
+    assert r.acc == pytest.approx(3 / 4)
+    with pytest.raises(ConfigError, match="nothing to read"):
+        lens_readout(X, WordTokenizer(), ["hyacinth", "peony"], y)
 
 
 def test_readout_from_logits_equals_readout_from_probs():

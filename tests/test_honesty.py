@@ -68,7 +68,10 @@ def test_class_names_only_when_asked_and_then_marked_everywhere(tiny_vlm, ds, tm
     out = res.save(tmp_path / "run")
     doc = json.loads((out / "results.json").read_text())
     assert doc["supervised_localization"] is True and "SUPERVISED LOCALIZATION" in doc["note"]
-    assert "SUPERVISED LOCALIZATION" in results_table([str(out)])
+    table = results_table([str(out)])
+    # every row says where its keywords came from
+    rows = [ln for ln in table.splitlines() if ln.startswith("| color |")]
+    assert rows and all(ln.endswith("| class names: SUPERVISED LOCALIZATION |") for ln in rows)
     # the CLI spelling, and its printed summary
     rc = main(["run", "--model", "tiny", "--data", str(ds.root), "--criterion", "color",
                "--prompt", PROMPT, "--keywords", "class-names", "--no-baselines",
@@ -133,6 +136,8 @@ def test_several_criteria_in_one_call(tiny_vlm, ds, monkeypatch, tmp_path):
     assert (out / "color" / "results.json").exists() and (out / "shape" / "results.json").exists()
     table = results_table([str(out)])
     assert "| color | ESMC |" in table and "| shape | ESMC |" in table
+    assert all(ln.endswith("| lm |") for ln in table.splitlines()
+               if ln.startswith(("| color |", "| shape |")))
     # a single criterion through the mapping form equals the single-prompt form
     one = run_esmc(tiny_vlm, ds, PROMPT, criterion="color", **FAST)
     assert np.array_equal(one.labels, res["color"].labels)

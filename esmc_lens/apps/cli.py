@@ -178,8 +178,8 @@ def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
     from ..report.paper_numbers import PAPER_MODEL, paper_scores
     from ..report.result import EsmcResult
 
-    lines = ["| criterion | method | NMI (ours) | RI (ours) | NMI (paper) | RI (paper) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| criterion | method | NMI (ours) | RI (ours) | NMI (paper) | RI (paper) | "
+             "keywords (ours) |", "|---|---|---|---|---|---|---|"]
     notes = []
     for d in _run_folders(run_dirs):
         r = EsmcResult.load_json(d)
@@ -190,6 +190,8 @@ def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
         notes.append(f"{r['criterion']}: {r.get('note') or 'model ' + r['model']}; target "
                      f"{', '.join(r['target_labels'])}, "
                      f"{(r.get('localization') or {}).get('evidence', '')}")
+        source = ("class names: SUPERVISED LOCALIZATION" if r.get("supervised_localization")
+                  else r.get("keyword_source") or "n/a")
         paper = paper_scores(dataset, r["criterion"]) if dataset else None
         blocks = {"ESMC": r["scores"], **(r["baselines"] or {})}
         for method, sc in blocks.items():
@@ -200,7 +202,8 @@ def results_table(run_dirs: list[str], dataset: str | None = None) -> str:
             lines.append(
                 f"| {r['criterion']} | {method} | {_num(sc['nmi'])} ± {_num(sc['nmi_std'])} | "
                 f"{_num(sc['ri'])} ± {_num(sc['ri_std'])} | "
-                f"{'' if p is None else f'{p.nmi:.4f}'} | {'' if p is None else f'{p.ri:.4f}'} |")
+                f"{'' if p is None else f'{p.nmi:.4f}'} | {'' if p is None else f'{p.ri:.4f}'} | "
+                f"{source} |")
     lines.append("\nOurs: mean ± std over seeds; " + " | ".join(notes) + ". "
                  f"Paper: {PAPER_MODEL} (the paper's numbers), Table 3.")
     return "\n".join(lines)
@@ -251,6 +254,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     r = readout_for_run(vlm, ds, res, cache_dir=args.cache_dir, progress=not args.quiet)
     out = {"model": vlm.name, "criterion": res.criterion, "target": res.target_labels,
            "readout_nmi": r.nmi, "readout_acc": r.acc, "class_mass": r.class_mass,
+           "unread_classes": r.unread,
            "crosstab": r.crosstab.to_dict(), "top_tokens": r.top_tokens.to_dict("records")}
     if args.json:
         json.dump(out, sys.stdout, indent=1, default=int)
@@ -259,6 +263,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     print(f"{vlm.name}: {res.criterion}, target {', '.join(res.target_labels)}: the lens's "
           f"class word scores NMI {r.nmi:.4f}, ACC {r.acc:.4f}; class words hold "
           f"{r.class_mass:.1%} of the probability")
+    if r.unread:
+        print(f"class names the lens cannot score (their images count as misread): "
+              f"{', '.join(r.unread)}")
     print(r.crosstab.to_string())
     print("most frequent top-1 lens tokens:", ", ".join(
         f"{t!r} x{n}" for t, n in zip(r.top_tokens["token"], r.top_tokens["images"],

@@ -14,6 +14,7 @@ its cross-table shows which classes the model confuses.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,13 @@ import numpy as np
 import pandas as pd
 
 from ..cluster.metrics import accuracy, nmi
-from ..errors import ConfigError
-from ..lens.keyword_rule import keyword_token_ids
+from ..errors import ConfigError, EsmcWarning
+from ..lens.keyword_rule import keyword_token_ids, split_scorable
 from ..lens.tokens import decode_each
 from ..lens.unembed import Unembed
 from ..localization.targets import target_embeddings
 from ..pipeline import capture_target_cells
+from .naming import as_probs
 
 __all__ = ["ClassWordReadout", "lens_readout", "readout_for_run"]
 
@@ -35,8 +37,12 @@ __all__ = ["ClassWordReadout", "lens_readout", "readout_for_run"]
 class ClassWordReadout:
     """The class word the lens favours at the target, per image, against the labels.
 
-    words : the class names read, in ``class_names`` order.
-    read : int [n_images], index into ``words`` of each image's most probable class word.
+    words : the class names the lens can read (the keyword rule scores them), in
+        ``class_names`` order.
+    unread : the class names it cannot (no token scores them): their images are counted
+        in ``crosstab``'s rows and can never be read right.
+    read : int [n_images], code into ``class_names`` of each image's most probable readable
+        class word.
     crosstab : DataFrame, true class (rows) x class word read (columns), counts.
     nmi, acc : the readout scored against the labels (unlabelled images left out).
     class_mass : mean total probability of all class words (how much the lens is about
@@ -45,6 +51,7 @@ class ClassWordReadout:
     """
 
     words: list[str]
+    unread: list[str]
     read: np.ndarray
     crosstab: pd.DataFrame
     nmi: float
@@ -53,13 +60,13 @@ class ClassWordReadout:
     top_tokens: pd.DataFrame
 
 
-def _as_probs(x: np.ndarray) -> np.ndarray:
-    """Rows of lens probabilities (softmax of logits unless the rows already sum to 1)."""
-    x = np.asarray(x, dtype=np.float64)
-    if np.all(x >= 0) and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
-        return x
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+def _readable(tokenizer, class_names) -> tuple[list[str], list[str]]:
+    """``(readable, unread)`` class names under the keyword rule; none readable: an error."""
+    words, unread = split_scorable(tokenizer, list(class_names))
+    if not words:
+        raise ConfigError(f"no class name of {list(class_names)} can be scored by the lens "
+                          "(esmc_lens.lens.keyword_rule): there is nothing to read")
+    return words, unread
 
 
 def lens_readout(features_vocab: np.ndarray, tokenizer, class_names: list[str],
@@ -72,23 +79,28 @@ def lens_readout(features_vocab: np.ndarray, tokenizer, class_names: list[str],
         summed).
     y_true : int [n_images] class codes into ``class_names`` (-1 = unlabelled).
     """
-    P = _as_probs(features_vocab)
+    P = as_probs(features_vocab).astype(np.float64)
     y = np.asarray(y_true)
     if P.shape[0] != y.shape[0]:
         raise ConfigError(f"{P.shape[0]} vectors for {y.shape[0]} labels")
-    groups = keyword_token_ids(tokenizer, list(class_names)).groups
-    mass = np.stack([P[:, g].sum(axis=1) for g in groups], axis=1)  # [n, classes]
-    read = mass.argmax(axis=1)
-    seen = y >= 0
+    words, unread = _readable(tokenizer, class_names)
+    if unread:
+        warnings.warn(f"class names {unread} cannot be scored by the lens (keyword rule): "
+                      "their images count as misread", EsmcWarning, stacklevel=2)
+    groups = keyword_token_ids(tokenizer, words).groups
+    mass = np.stack([P[:, g].sum(axis=1) for g in groups], axis=1)  # [n, readable classes]
     names = np.asarray(class_names, dtype=object)
+    # codes into class_names, so that the readout is scored against the labels' own codes
+    read = np.asarray([list(class_names).index(w) for w in words])[mass.argmax(axis=1)]
+    seen = y >= 0
     crosstab = pd.crosstab(pd.Categorical(names[y[seen]], categories=class_names),
-                           pd.Categorical(names[read[seen]], categories=class_names),
+                           pd.Categorical(names[read[seen]], categories=words),
                            rownames=["true"], colnames=["lens reads"], dropna=False)
     top, counts = np.unique(P.argmax(axis=1), return_counts=True)
     order = np.argsort(-counts, kind="stable")[:n_top]
     top_tokens = pd.DataFrame({"token": decode_each(tokenizer, top[order]),
                                "images": counts[order]})
-    return ClassWordReadout(words=list(class_names), read=read, crosstab=crosstab,
+    return ClassWordReadout(words=words, unread=unread, read=read, crosstab=crosstab,
                        nmi=nmi(y[seen], read[seen]), acc=accuracy(y[seen], read[seen]),
                        class_mass=float(mass.sum(axis=1).mean()), top_tokens=top_tokens)
 
@@ -104,6 +116,7 @@ def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
 
     if result.y_true is None or result.class_names is None:
         raise ConfigError("the run has no labels: a readout needs the criterion's classes")
+    _readable(vlm.tokenizer, result.class_names)  # before the capture, not after
     positions = [p for _, p in result.target_positions]  # from the sequence's end
     seq = sorted(set(positions))
     cache = capture_target_cells(vlm, dataset, result.prompt, seq,
