@@ -210,3 +210,21 @@ def fill_disk(folder: Path, leave: int = 0) -> Path:
     size = filler.stat().st_size
     os.truncate(filler, max(0, size - leave))
     return filler
+
+
+class Stop(Exception):
+    """Raised by :func:`stop_at` in place of the function it replaces."""
+
+
+def stop_at(monkeypatch, module, name: str) -> dict:
+    """Replace ``module.name`` by a spy that records its keyword arguments (and ``prompt``)
+    and raises :class:`Stop`: what a caller passes, without running it."""
+    seen: dict = {}
+
+    def spy(vlm, images, prompt, **kw):
+        seen.clear()
+        seen.update(kw, prompt=prompt)
+        raise Stop
+
+    monkeypatch.setattr(module, name, spy)
+    return seen

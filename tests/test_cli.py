@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import solid
+from conftest import Stop, solid, stop_at
 
 from esmc_lens.apps.cli import main
 from esmc_lens.cluster.metrics import accuracy, nmi
@@ -112,16 +112,7 @@ def test_keywords_once_per_criterion(tmp_path, synth, monkeypatch):
     """``--keywords`` once per ``--criterion``, in order; ``auto`` leaves one to the LM."""
     import esmc_lens.pipeline as pipeline
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def spy(vlm, images, prompt, **kw):
-        seen.update(kw, prompt=prompt)
-        raise Stop
-
-    monkeypatch.setattr(pipeline, "run_esmc", spy)
+    seen = stop_at(monkeypatch, pipeline, "run_esmc")
     base = ["run", "--model", "tiny", "--data", str(synth), "--criterion", "color",
             "--prompt", "The color of the object is", "--criterion", "shape",
             "--prompt", "The shape of the object is", "--quiet", "--out", str(tmp_path / "r")]

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import Stop, stop_at
 
 import esmc_lens.localization.keywords as keywords_module
 from esmc_lens import run_esmc
@@ -147,16 +148,7 @@ def test_several_criteria_in_one_call(tiny_vlm, ds, monkeypatch, tmp_path):
 def test_demo_localizes_with_the_lms_keywords(tmp_path, monkeypatch):
     import esmc_lens.apps.demo as demo
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def spy(vlm, images, prompt, **kw):
-        seen.update(kw, prompt=prompt)
-        raise Stop
-
-    monkeypatch.setattr(demo, "run_esmc", spy)
+    seen = stop_at(monkeypatch, demo, "run_esmc")
     with pytest.raises(Stop):
         demo.run_demo(model="tiny", out=tmp_path / "demo", figures=tmp_path / "fig",
                       n_images=8)
