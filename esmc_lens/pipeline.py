@@ -76,6 +76,7 @@ __all__ = [
     "capture_fn",
     "capture_target_cells",
     "cluster_criterion",
+    "criterion_embedding",
     "embed_criteria",
     "labels_for",
     "localization_sample",
@@ -173,7 +174,6 @@ def capture_fn(cache_dir: str | Path | None):
     """:func:`~esmc_lens.residual.capture.capture`, or its disk-cached form if ``cache_dir``."""
     if cache_dir is None:
         return capture
-
     return partial(cached_capture, cache_dir=cache_dir)
 
 
@@ -270,6 +270,19 @@ def target_tail_positions(loc_cache, targets) -> tuple[list[int], list[tuple[int
     return tail, [(s, tail.index(tail_of[p])) for s, p in targets]
 
 
+def criterion_embedding(cache: ResidualCache, tail: list[int], slots: list[tuple[int, int]],
+                        labels: list[str], space: str, unembed: Unembed
+                        ) -> CriterionEmbedding:
+    """Every image's embedding at the target cells of ``cache`` (a capture of them at the
+    positions ``tail``, counted from the end; ``slots`` as
+    :func:`target_tail_positions` gives them), read in ``space``."""
+    X = target_embeddings(cache, slots, space=space, unembed=unembed)
+    check_finite(X, cache.image_ids, "target embeddings")
+    vocab = (X if space != "hidden" else
+             target_embeddings(cache, slots[:1], "logits", unembed))[:, :unembed.vocab_size]
+    return CriterionEmbedding(X, vocab, [(s, tail[j]) for s, j in slots], labels, cache)
+
+
 def embed_criteria(vlm: VLM, images, criteria: list[Criterion],
                    localized: Mapping[str | None, tuple[ResidualCache, Localization]], *,
                    space: str = "probs", batch_size: int = 8, vision: bool = True,
@@ -281,16 +294,11 @@ def embed_criteria(vlm: VLM, images, criteria: list[Criterion],
     for c in criteria:
         loc_cache, loc = localized[c.name]
         tail, slots = target_tail_positions(loc_cache, loc.targets)
-        cells = [(s, tail[j]) for s, j in slots]
-        cache = capture_target_cells(vlm, images, c.prompt, tail, sorted({s for s, _ in cells}),
-                                     cache_dir=cache_dir, batch_size=batch_size,
-                                     vision=vision, progress=progress)
-        X = target_embeddings(cache, slots, space=space, unembed=unembed)
-        check_finite(X, cache.image_ids, "target embeddings")
-        vocab = (X if space != "hidden" else
-                 target_embeddings(cache, slots[:1], "logits", unembed))[:, :unembed.vocab_size]
-        out[c.name] = CriterionEmbedding(X, vocab, cells, target_labels(loc_cache, loc.targets),
-                                         cache)
+        cache = capture_target_cells(vlm, images, c.prompt, tail,
+                                     sorted({s for s, _ in loc.targets}), cache_dir=cache_dir,
+                                     batch_size=batch_size, vision=vision, progress=progress)
+        out[c.name] = criterion_embedding(cache, tail, slots,
+                                          target_labels(loc_cache, loc.targets), space, unembed)
     return out
 
 
@@ -343,7 +351,6 @@ def shared_pass(vlm: VLM, images, criteria: list[Criterion],
     others' (``"capture"``), the answers' generation included in both.
     """
     t0 = time.perf_counter()
-
     source = ImageSource.of(images)
     key = {c.name: c.name if c.name is not None else "criterion" for c in criteria}
     prompts = {key[c.name]: c.prompt for c in criteria}
@@ -385,12 +392,9 @@ def shared_pass(vlm: VLM, images, criteria: list[Criterion],
             got += [rest_cc.answers[key[c.name]]] if answers else []
         cache = ResidualCache.concat(parts).select(order)
         cache.meta = dict(rest_cc.caches[key[c.name]].meta if rest_cc else loc_cache.meta)
-        X = target_embeddings(cache, slots, space=space, unembed=unembed)
-        check_finite(X, cache.image_ids, "target embeddings")
-        vocab = (X if space != "hidden" else
-                 target_embeddings(cache, slots[:1], "logits", unembed))[:, :unembed.vocab_size]
-        embedded[c.name] = CriterionEmbedding(X, vocab, [(s, tail[j]) for s, j in slots],
-                                              target_labels(loc_cache, loc.targets), cache)
+        embedded[c.name] = criterion_embedding(cache, tail, slots,
+                                               target_labels(loc_cache, loc.targets), space,
+                                               unembed)
         if answers:
             flat = [a for part in got for a in part]
             answer_lists[c.name] = [flat[i] for i in order]
@@ -514,9 +518,9 @@ def run_esmc(
 
     sample = localization_sample(source.n, n_samples, seed)
     want_answers = baselines and any(labels_of[c.name][0] is not None for c in criteria)
-    # One pass over the images for every criterion, unless the model cannot share a prefix
-    # or the captures are to be kept on disk (the per-criterion path resumes from there).
-
+    # One pass over the images for every criterion, unless asked not to, the captures are
+    # to be kept on disk (the per-criterion path resumes from there) or the model cannot
+    # share a prefix.
     why_not = ("one_pass=False" if not one_pass
                else "cache_dir is set" if cache_dir is not None else shares_prefix(vlm))
     t = time.perf_counter()
@@ -564,7 +568,7 @@ def run_esmc(
             per_seed=per_seed, target=[tuple(x) for x in loc.targets],
             target_positions=emb.cells, target_labels=emb.labels, space=space, keywords=kw,
             localization=loc, y_true=y, class_names=names, answers=answers,
-            # one pass: "localize" is the whole pass (all criteria, answers included)
+            # per criterion: a stage run once for all criteria is split evenly between them
             timings={"keywords": t_kw / len(criteria), "localize": t_loc / len(criteria),
                      "capture": t_emb / len(criteria), "answers": t_ans,
                      "cluster": time.perf_counter() - t},

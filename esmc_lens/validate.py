@@ -331,7 +331,6 @@ def check_run(vlm, images, prompt: str, *, criterion: str | None = None,
     """Everything :func:`~esmc_lens.pipeline.run_esmc` can check before touching the model:
     the prompt, the criterion of a dataset (exists, >= 2 classes) and ``settings`` (see
     :func:`check_settings`)."""
-
     token = getattr(getattr(vlm, "processor", None), "image_token", None) or "<image>"
     check_prompt(prompt, token)
     if isinstance(images, ImageDataset) and criterion is not None:
@@ -386,7 +385,6 @@ def check_api_inputs(vlm, images, prompt, *, criterion=None, y_true=None, class_
     :func:`check_settings`'s (others are ignored, so the orchestrator may pass arguments
     this function does not know).
     """
-
     if isinstance(vlm, str | os.PathLike):
         raise ConfigError(f"vlm={str(vlm)!r} is a model name, not a loaded model: pass "
                           f"load_model({str(vlm)!r}) (e.g. vlm = load_model('offline'))")
@@ -454,7 +452,6 @@ def keyword_notes(tokenizer, keywords: Sequence[str]) -> list[str]:
     ``keywords``, one line per kind: keywords it cannot score (dropped by the pipeline),
     keywords scored by first pieces (no surface form is one token), and keywords sharing a
     token (equal scores for it)."""
-
     ok, bad = split_scorable(tokenizer, [str(k).strip() for k in keywords if str(k).strip()])
     notes = []
     if bad:

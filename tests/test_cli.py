@@ -125,3 +125,12 @@ def test_keywords_once_per_criterion(tmp_path, synth, monkeypatch):
     seen.clear()
     assert main([*base, "--keywords", "a", "--keywords", "b", "--keywords", "c"]) == 2
     assert seen == {}  # refused before the model loads
+
+
+def test_head_basis_choices_are_the_heads_bases():
+    from esmc_lens.apps.cli import build_parser
+    from esmc_lens.cluster.head import BASES
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    action = next(a for a in run._actions if a.dest == "head_basis")
+    assert tuple(action.choices) == BASES and action.default == "auto"

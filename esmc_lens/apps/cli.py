@@ -393,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target embedding space (default: lens probabilities, |V|-dim)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-seeds", type=int, default=10, help="seeds averaged in the scores")
+    # cluster.head.BASES, spelled out so that building the parser imports no torch (a test
+    # checks they agree)
     p.add_argument("--head-basis", default="auto", choices=["auto", "span", "features"],
                    help="where the clustering head runs: 'auto' (default; 'span' for more "
                         "features than images: the n-dimensional span of the embeddings, "

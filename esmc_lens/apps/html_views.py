@@ -348,7 +348,6 @@ def lens_explorer_view(cache: ResidualCache, unembed, tokenizer, keywords: Seque
     thumbnails (an ``ImageDataset``, a list, or ``i -> PIL image``). Top-k lens tokens
     of every cell come from the capture when it kept ``k`` of them, else from the lens.
     """
-
     n = min(len(cache), max_images)
     words = list(dict.fromkeys(w.strip().lower() for w in keywords if w.strip()))
     grids = {w: [_round(keyword_grid(cache, i, w, unembed, tokenizer).to_numpy())

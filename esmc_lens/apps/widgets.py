@@ -233,7 +233,6 @@ class LensExplorer(_Explorer):
     def _render(self, s: int, p: int, kw: str) -> bytes:
         import matplotlib.pyplot as plt
 
-
         g = self.heatmap
         with figure_style("two", font_size=7):
             fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * g.shape[1] + 1.8), 3.4),
@@ -360,7 +359,6 @@ class VoteMapExplorer(_Explorer):
 
     def _render(self) -> bytes:
         import matplotlib.pyplot as plt
-
 
         v = self.votes
         rows = {s: i for i, s in enumerate(v.index)}

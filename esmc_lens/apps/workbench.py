@@ -181,7 +181,6 @@ def resolve_dataset(data: str | Path | None, dataset: str, outputs: Path,
         else:
             why = "ESMC_DATA is not set"
     root = outputs / f"synthetic-{n_synthetic}"
-
     make_synthetic_dataset(root, n_images=n_synthetic, seed=0)
     note = f"synthetic dataset ({n_synthetic} images) at {root}"
     return load_dataset(root), "synthetic", note + (f"; fallback because {why}" if why else "")
@@ -468,7 +467,7 @@ class Workbench:
             ds = self.images(criterion)
             names = ds.names[: self.settings.explore_images]
             sub = ds.subset(names)
-            words = [w for w in merge(*self._sources(criterion)).words if _scorable(self.vlm, w)]
+            words = split_scorable(self.vlm.tokenizer, merge(*self._sources(criterion)).words)[0]
             self._memo[key] = capture_fn(self.capture_dir)(
                 self.vlm, sub, prompt, keywords=words, top_k=5, image_ids=list(names),
                 batch_size=self.settings.batch_size, progress=False)
@@ -495,8 +494,8 @@ class Workbench:
     def lens_view(self, criterion: str, keywords: Sequence[str] | None = None) -> HtmlView:
         """A static (kernel-free) lens explorer of the explored images."""
         cache = self.explore_cache(criterion)
-        words = list(keywords or merge(*self._sources(criterion)).words)
-        words = [w for w in words if _scorable(self.vlm, w)]
+        words = split_scorable(self.vlm.tokenizer,
+                               list(keywords or merge(*self._sources(criterion)).words))[0]
         return lens_explorer_view(cache, self.unembed, self.vlm.tokenizer, words,
                                   images=self.images(criterion), **self.fig)
 
@@ -504,8 +503,7 @@ class Workbench:
                   source: str = "user") -> HtmlView:
         """A static vote map of the explored images with ``source``'s keywords."""
         cache = self.explore_cache(criterion)
-        words = [w for w in self.keywords(criterion, source).words
-                 if _scorable(self.vlm, w)]
+        words = split_scorable(self.vlm.tokenizer, self.keywords(criterion, source).words)[0]
         return vote_map_view(cache, words, unembed=self.unembed,
                              tokenizer=self.vlm.tokenizer, link=link, **self.fig)
 
@@ -527,15 +525,6 @@ class Workbench:
         head = f"QUICK · {title}" if self.quick else title
         return (shown.style.set_caption(f"{head} — {provenance(self.model, self.quick)}")
                 .format(precision=4, na_rep="—").hide(axis="index"))
-
-
-def _scorable(vlm: VLM, word: str) -> bool:
-    return _scorable_by(vlm.tokenizer, word)
-
-
-def _scorable_by(tokenizer, word: str) -> bool:
-    """Whether the keyword rule can score ``word`` with this tokenizer."""
-    return bool(split_scorable(tokenizer, [word])[0])
 
 
 def _ms(df: pd.DataFrame, metric: str) -> tuple[float, float]:
@@ -563,7 +552,7 @@ def format_table(df: pd.DataFrame) -> pd.DataFrame:
 def _keyword_prob(P: np.ndarray, tokenizer, word: str) -> np.ndarray:
     """Lens probability of ``word`` at the (first) target of every image, from the lens
     distribution there ``P`` [n, |V|]: the keyword rule's tokens summed."""
-    if not _scorable_by(tokenizer, word):  # e.g. "hyacinth" for SmolLM2: no score, no guess
+    if not split_scorable(tokenizer, [word])[0]:  # e.g. "hyacinth" for SmolLM2: no score, no guess
         return np.full(P.shape[0], np.nan)
     group = keyword_token_ids(tokenizer, [word]).groups[0]
     return P[:, group].sum(axis=1)
@@ -601,7 +590,7 @@ def lens_examples(bench: Workbench, n_images: int = 3) -> list[dict]:
             i = cache.image_ids.index(name)
             cds = bench.images(crit)
             tok = bench.vlm.tokenizer
-            classes = [c for c in bench.class_names(crit) if _scorable_by(tok, c)]
+            classes = split_scorable(tok, bench.class_names(crit))[0]
             true = bench.class_names(crit)[int(cds.y(crit)[cds.names.index(name)])]
             if true not in classes or len(classes) < 2:
                 continue  # the lens cannot score this class name: no panel, not a guess
@@ -874,7 +863,6 @@ def failure_captions(cases: pd.DataFrame, width: int = 34) -> list[str]:
     """Figure 9's captions: the true class, the class the image's cluster was matched to
     (and the cluster's lens name), the lens's words at the target and the answer, wrapped
     at word boundaries (never cut mid-phrase)."""
-
     return [caption_text([f"true: {r.true}",
                           f"assigned: {r.matched_class} (cluster '{r.cluster_name}', "
                           f"p={r.confidence:.2f})",

@@ -149,7 +149,6 @@ def kmeans_space(X: np.ndarray, basis: str = "auto") -> np.ndarray:
     """Where k-means runs: ``X``, or (``basis="span"``, or "auto" with more features than
     samples) its coordinates in an orthonormal basis of its rows' span (same distances, so
     the same partitions to fp rounding; n instead of n_features columns)."""
-
     if basis not in BASES:
         raise ConfigError(f"basis={basis!r}: use one of {BASES}")
     if basis == "span" or (basis == "auto" and X.shape[1] > X.shape[0]):
@@ -275,7 +274,6 @@ def head_scores(
     labels : numpy.ndarray of int64, shape (n_seeds, n_samples)
         Only if ``return_labels``.
     """
-
     if "random_state" in head_kwargs:
         raise ConfigError("head_scores sets random_state from seeds; pass seeds=... instead")
     X = _as_features(X)
@@ -309,7 +307,6 @@ def embed_answers(answers: Sequence[str], encoder="minilm", batch_size: int = 64
     ``encoder`` is a :class:`~esmc_lens.models.text_encoder.TextEncoder` or a name for
     :func:`~esmc_lens.models.text_encoder.load_text_encoder` (``"minilm"``, ``"clip"``, ...).
     """
-
     if isinstance(answers, str):
         raise ConfigError("answers must be a list of strings, one per image, not one string")
     texts = ["" if a is None else str(a).strip() for a in answers]

@@ -381,7 +381,6 @@ def choose_keywords(vlm: VLM, prompt: str, keywords=None, images=None,
     """
     import warnings
 
-
     if source not in KEYWORD_SOURCES:
         raise ConfigError(f"keyword_source={source!r}: use one of {KEYWORD_SOURCES}")
     if isinstance(keywords, str) and keywords.strip().lower() in (CLASS_NAMES, "class_names"):

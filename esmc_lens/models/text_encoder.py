@@ -158,7 +158,6 @@ class MiniLMEncoder(TextEncoder):
         from transformers import AutoModel, AutoTokenizer
 
         if path is None:
-
             path = weights.fetch(weights.MINILM)
             default_name = "all-MiniLM-L6-v2"
         else:

@@ -267,7 +267,6 @@ def _internvl(seed: int):
 def _idefics3(kind: str, seed: int):
     import transformers
 
-
     specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                 *IDEFICS3_TILES]
     if kind == "idefics3":
@@ -346,7 +345,6 @@ def _pixtral(kind: str, seed: int):
 
 
 def _llava(seed: int, **kwargs):
-
     return build_tiny_llava(seed=seed, **kwargs)  # sizes may be given (load_model("tiny", ...))
 
 
@@ -374,7 +372,6 @@ def build_tiny_family(key: str, seed: int = 0, **kwargs):
 
     ``kwargs`` (LLaVA only) are :func:`~esmc_lens.models.tiny.build_tiny_llava`'s sizes.
     """
-
     if key not in TINY_BUILDERS:
         raise ConfigError(f"no tiny model {key!r}: use 'tiny:<name>' with one of "
                           f"{sorted(TINY_BUILDERS)}")

@@ -167,6 +167,23 @@ class VLM:
             return {"mean image-token embedding": pooled.float()}
         return {"vision tower pooled": pooled.float()}
 
+    def vision_row(self, pixel_values: torch.Tensor, pooled: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[str, int]]:
+        """:meth:`vision_side`'s blocks side by side, [B, d] fp32 (what a capture keeps in
+        ``cache.vision``), and each block's width (its ``meta["vision_blocks"]``)."""
+        with torch.inference_mode():
+            blocks = self.vision_side(pixel_values, pooled)
+        return (torch.cat([b.detach().float() for b in blocks.values()], dim=1),
+                {name: int(b.shape[1]) for name, b in blocks.items()})
+
+    def image_feature_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] the image features' positions, for a family whose vision feature is their
+        mean at the language model's input (``vision_feature == "image_tokens"``); else
+        None (the feature is the tower's pooled output)."""
+        if self.family.vision_feature != "image_tokens":
+            return None
+        return (input_ids == self.image_token_id).to(self.device)
+
     @property
     def envoy(self):
         """The model wrapped by ``nnsight.NNsight`` (built once)."""
@@ -230,7 +247,6 @@ class VLM:
     # -- prompts and inputs -------------------------------------------------------------
     def format_prompt(self, prompt: str, style: str | None = None) -> str:
         """The full model input text for one image and one criterion prompt."""
-
         image_token = getattr(self.processor, "image_token", None) or "<image>"
         check_prompt(prompt, image_token)
         style = style or self.prompt_style
@@ -344,15 +360,12 @@ def load_model(name: str = "offline", device: str | torch.device | None = None,
         model (a 135M chat model answers sentence stems better as a continuation), else the
         family's (PaliGemma: "plain", no chat template; the others: "chat").
     """
-
     device = check_device(device) if device is not None else default_device()
     dtype = check_dtype(dtype) or default_dtype(device)
     if name == "offline":
-
         model, processor = load_offline(device=device, dtype=dtype)
         prompt_style = prompt_style or "completion"
     elif name == "tiny" or name.startswith("tiny:"):
-
         model, processor = build_tiny_family(name.partition(":")[2] or "llava", **hf_kwargs)
         model.to(device=device, dtype=dtype)
     else:
@@ -363,7 +376,6 @@ def load_model(name: str = "offline", device: str | torch.device | None = None,
 
 def _load_hf(name: str, device: torch.device, dtype: torch.dtype, **hf_kwargs):
     from transformers import AutoConfig
-
 
     local = Path(name).expanduser()
     if not local.exists() and (name.startswith((".", "/", "~")) or "\\" in name):

@@ -113,7 +113,6 @@ def readout_for_run(vlm, dataset, result, cache_dir: str | Path | None = None,
     baselines on), so with the run's ``cache_dir`` (``esmc-lens run --cache-dir``) nothing is
     recomputed.
     """
-
     if result.y_true is None or result.class_names is None:
         raise ConfigError("the run has no labels: a readout needs the criterion's classes")
     _readable(vlm.tokenizer, result.class_names)  # before the capture, not after

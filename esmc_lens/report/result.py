@@ -149,17 +149,12 @@ class EsmcResult:
         import pickle
 
         files: dict[str, bytes | pd.DataFrame] = {
-            "result.pkl": pickle.dumps(self),
-            "results.json": json.dumps(_plain(self.to_json()), indent=1,
-                                       allow_nan=False).encode(),
+            "result.pkl": pickle.dumps(self), "results.json": _json_bytes(self.to_json()),
             "assignments.csv": self.assignments(), "scores.csv": self.scores,
             "votes.csv": self.localization.votes}
         for method, df in self.per_seed.items():
             files[f"per_seed_{re.sub(r'[^A-Za-z0-9]+', '_', method)}.csv"] = df
-        _add_tables(files, tables)
-        for name, body in files.items():
-            _write_file(folder / name, body, index=name not in ("assignments.csv",
-                                                                 "skipped.csv"))
+        _write_files(folder, files, tables)
 
     @classmethod
     def load(cls, outdir: str | Path) -> EsmcResult:
@@ -235,7 +230,6 @@ class MultiResult:
         criterion's ground truth where known (rows: labelings; columns: ``"<c> clusters"``
         and ``"<c> labels"``). Distinct criteria should give distinct partitions: high NMI
         on the diagonal of the labels block, low elsewhere."""
-
         rows = {}
         for a, ra in self.results.items():
             row = {}
@@ -267,13 +261,8 @@ class MultiResult:
             for c, r in self.results.items():
                 (tmp / c).mkdir()
                 r.write_files(tmp / c)
-            files: dict[str, bytes | pd.DataFrame] = {
-                "cross_criterion.csv": self.cross_criterion(),
-                "results.json": json.dumps(_plain(self.to_json()), indent=1,
-                                           allow_nan=False).encode()}
-            _add_tables(files, tables)
-            for name, body in files.items():
-                _write_file(tmp / name, body, index=name != "skipped.csv")
+            _write_files(tmp, {"cross_criterion.csv": self.cross_criterion(),
+                               "results.json": _json_bytes(self.to_json())}, tables)
 
         return write_run_folder(outdir, fill, overwrite=overwrite)
 
@@ -352,12 +341,24 @@ def _run_file(outdir: str | Path, name: str) -> Path:
     return d / name
 
 
-def _add_tables(files: dict, tables: dict[str, pd.DataFrame] | None) -> None:
-    for name, df in (tables or {}).items():
+# row-per-image tables, written without their (positional) index
+_NO_INDEX = ("assignments.csv", "skipped.csv")
+
+
+def _write_files(folder: Path, files: dict[str, bytes | pd.DataFrame],
+                 tables: dict[str, pd.DataFrame] | None) -> None:
+    """``files`` and the caller's extra ``tables`` into ``folder``, each fsynced."""
+    for name in tables or {}:
         if not is_run_file(name) or name in files:
             raise ConfigError(f"table name {name!r}: use a run file name the run does not "
                               "write itself (e.g. 'skipped.csv')")
-        files[name] = df
+    for name, body in {**files, **(tables or {})}.items():
+        _write_file(folder / name, body, index=name not in _NO_INDEX)
+
+
+def _json_bytes(doc: dict) -> bytes:
+    """Strict JSON (NaN and infinities as null), indented, as written to ``results.json``."""
+    return json.dumps(_plain(doc), indent=1, allow_nan=False).encode()
 
 
 def _plain(obj):

@@ -305,13 +305,27 @@ class _Prepared:
     toks: list[list[str]]
 
 
+def image_block(vlm: VLM, ids: Sequence[int]) -> tuple[int, int]:
+    """(first, one after the last) index of the image's block in one unpadded sequence.
+
+    Found by its token ids (the placeholder and the family's image markers), per sequence:
+    its length varies with the image's size in the dynamic-resolution families, so no
+    fixed offset would do.
+    """
+    block = vlm.image_token_ids
+    img = [i for i, t in enumerate(ids) if t in block]
+    if not img:
+        raise ConfigError("the processor produced no image tokens; is the prompt's chat "
+                          "template missing its image placeholder?")
+    return img[0], img[-1] + 1
+
+
 def _prepare(vlm, batch, prompts, positions, index, ids) -> _Prepared:
     enc = vlm.encode(batch, prompts)
     input_ids, mask = enc["input_ids"].cpu(), enc["attention_mask"].cpu().bool()
     B = input_ids.shape[0]
     lengths = mask.sum(1)
     offsets = mask.int().argmax(1).tolist()  # first real token (left padding: T - length)
-    block = vlm.image_token_ids  # the placeholder and the family's image markers
     rows, spans, toks = [], [], []
     for b in range(B):
         stop = offsets[b] + int(lengths[b])
@@ -319,16 +333,11 @@ def _prepare(vlm, batch, prompts, positions, index, ids) -> _Prepared:
             raise ModelError("the attention mask has padding inside a sequence; esmc_lens "
                              "expects padding on one side")
         seq = input_ids[b, offsets[b]:stop].tolist()
-        # The image's block is found by its token ids, per row: its length varies with the
-        # image's size in the dynamic-resolution families, so no fixed offset would do.
-        img = [i for i, t in enumerate(seq) if t in block]
-        if not img:
-            raise ConfigError("the processor produced no image tokens; is the prompt's chat "
-                              "template missing its image placeholder?")
+        span = image_block(vlm, seq)
         strings = vlm.tokenizer.convert_ids_to_tokens(seq)
-        pos = resolve_positions(strings, img[-1] + 1, positions)
+        pos = resolve_positions(strings, span[1], positions)
         rows.append(pos)
-        spans.append((img[0], img[-1] + 1))
+        spans.append(span)
         toks.append([strings[p] for p in pos])
     width = max(len(r) for r in rows)
     pos_t = torch.full((B, width), -1, dtype=torch.long)
@@ -344,9 +353,7 @@ def _capture_prepared(vlm, prep: _Prepared, plan: _Plan, store_dtype) -> Residua
     gather = (prep.pos_t + torch.tensor(prep.offsets)[:, None]).clamp_min(0).to(vlm.device)
     bidx = torch.arange(B, device=vlm.device)[:, None]
     run = _run_nnsight if plan.engine == "nnsight" else _run_hooks
-    features = None  # [B, T] the image features' positions, for the vision feature
-    if plan.vision and vlm.family.vision_feature == "image_tokens":
-        features = (prep.enc["input_ids"] == vlm.image_token_id).to(vlm.device)
+    features = vlm.image_feature_mask(prep.enc["input_ids"]) if plan.vision else None
     states, pooled = run(vlm, prep.enc, bidx, gather, plan, features)  # [B, S, P, d]
     empty = (prep.pos_t < 0).to(states.device)
     states = states.masked_fill(empty[:, None, :, None], 0)
@@ -356,10 +363,8 @@ def _capture_prepared(vlm, prep: _Prepared, plan: _Plan, store_dtype) -> Residua
                     chunk=plan.lens_chunk, workspace=plan.workspace)
     vision, meta = None, {}
     if plan.vision:
-        with torch.inference_mode():
-            blocks = vlm.vision_side(prep.enc["pixel_values"], pooled)
-        vision = torch.cat([b.detach().float().cpu() for b in blocks.values()], dim=1)
-        meta["vision_blocks"] = {name: int(b.shape[1]) for name, b in blocks.items()}
+        vision, meta["vision_blocks"] = vlm.vision_row(prep.enc["pixel_values"], pooled)
+        vision = vision.cpu()
     return ResidualCache(
         states=states.to(store_dtype).cpu(), positions=prep.pos_t,
         tokens=[t + [""] * (width - len(t)) for t in prep.toks],

@@ -73,7 +73,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def _image_list(images) -> list:
-
     return list(images.paths) if isinstance(images, ImageDataset) else list(images)
 
 
@@ -113,7 +112,6 @@ def capture_to_disk(
         this call covered), ``computed``, ``skipped`` (already on disk), ``images``
         (how many images this call covered).
     """
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1")
     opts = CaptureOptions.of(options, **option_fields)

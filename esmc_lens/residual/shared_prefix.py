@@ -62,6 +62,7 @@ from ..lens.readout import readout
 from ..lens.unembed import LensWorkspace, Unembed
 from ..models.vlm import SENTENCE_END, VLM, first_sentence
 from .cache import ResidualCache
+from .capture import image_block
 
 __all__ = ["SHARED_PREFIX_RTOL", "CriteriaCapture", "CriteriaPrompts", "capture_criteria",
            "criteria_dict", "split_criteria"]
@@ -174,16 +175,6 @@ class CriteriaPrompts:
                                                                 strict=True)}}
 
 
-def _image_block(vlm: VLM, ids: Sequence[int]) -> tuple[int, int]:
-    """(first, one after the last) index of the image's block in one unpadded sequence."""
-    block = vlm.image_token_ids
-    img = [i for i, t in enumerate(ids) if t in block]
-    if not img:
-        raise ConfigError("the processor produced no image tokens; is the prompt's chat "
-                          "template missing its image placeholder?")
-    return img[0], img[-1] + 1
-
-
 def split_criteria(vlm: VLM, prompts, image) -> CriteriaPrompts:
     """Split the criteria's model inputs into the shared prefix and a token trie.
 
@@ -218,7 +209,7 @@ def split_criteria(vlm: VLM, prompts, image) -> CriteriaPrompts:
         raise ConfigError(f"the criteria {names} do not share the tokens before their text "
                           "(does the template put criterion text before the image?)")
     prefix = seqs[0][:cut[0]]
-    _, stop = _image_block(vlm, prefix)
+    _, stop = image_block(vlm, prefix)
     node_of: dict[tuple[int, int], int] = {}
     node_ids: list[int] = []
     parents: list[int] = []
@@ -371,7 +362,7 @@ def _shared_batch(vlm: VLM, split: CriteriaPrompts, images, stream: list[int],
     spans, plen = [], []
     for b in range(ids.shape[0]):
         row = ids[b, offsets[b]:P].tolist()
-        start, stop = _image_block(vlm, row)
+        start, stop = image_block(vlm, row)
         if (not torch.equal(ids[b, P:], own) or not bool(am[b, offsets[b]:].all())
                 or len(row) - stop != len(split.tail_tokens)):
             raise ConfigError(f"image {b} of the batch does not give the shared prefix "
@@ -383,9 +374,7 @@ def _shared_batch(vlm: VLM, split: CriteriaPrompts, images, stream: list[int],
     # Without generation both passes stop after the deepest stream kept (the prefix's KV
     # cache is then filled up to that layer, all the trie pass reads).
     stop_at = None if gen else stream[-1]
-    image_mask = None
-    if vision and vlm.family.vision_feature == "image_tokens":
-        image_mask = (ids[:, :P] == vlm.image_token_id).to(dev)
+    image_mask = vlm.image_feature_mask(ids[:, :P]) if vision else None
     hooks = _StreamHooks(vlm, stream, vision)
     try:
         pcols = (P - torch.tensor(prefix_cells, dtype=torch.long, device=dev))[None].expand(
@@ -401,10 +390,7 @@ def _shared_batch(vlm: VLM, split: CriteriaPrompts, images, stream: list[int],
             raise ModelError("the vision feature's hook did not fire in the prefix pass")
         pooled = vision_blocks = None
         if vision:  # what the vision side gives the LM, as capture() keeps it
-            with torch.inference_mode():
-                blocks = vlm.vision_side(pre["pixel_values"], hooks.pooled[0])
-            pooled = torch.cat([b.detach().float() for b in blocks.values()], dim=1)
-            vision_blocks = {name: int(b.shape[1]) for name, b in blocks.items()}
+            pooled, vision_blocks = vlm.vision_row(pre["pixel_values"], hooks.pooled[0])
         pending = None
         if gen or node_cells:
             B, n = ids.shape[0], split.n_nodes

@@ -89,7 +89,6 @@ CACHE_DIR_FIX = ("set --cache-dir (CLI) or cache_dir= (API) or ESMC_LENS_CACHE t
 
 def default_capture_dir() -> Path:
     """``$ESMC_LENS_CACHE/captures`` (see :func:`esmc_lens.models.weights.cache_dir`)."""
-
     return cache_dir() / "captures"
 
 
@@ -118,7 +117,6 @@ def _file_sha256(path: Path) -> str:
 def image_fingerprints(images) -> list[str]:
     """SHA-256 of every image's content: file bytes for paths and datasets, mode + size +
     pixels for PIL images."""
-
     if isinstance(images, ImageDataset):
         return [_file_sha256(p) for p in images.paths]
     out = []
@@ -169,8 +167,6 @@ def _tokenizer_sha(tok) -> str:
         return _sha(_json(sorted(tok.get_vocab().items())))
 
 
-# Options of capture() that do not change its result (bit-identical by design, see
-# esmc_lens.residual.capture): left out of the key so they can differ between a run and its rerun.
 # Config fields that record how a model was last loaded or saved, not what it computes
 # (``save_pretrained`` fills in ``dtype``); the dtype the capture runs in is keyed apart.
 _VOLATILE_CONFIG = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
@@ -406,13 +402,11 @@ def cached_capture(
     CaptureError
         The cache folder is read-only or full (nothing is lost: saved batches stay).
     """
-
     if not isinstance(images, ImageDataset):
         images = image_items(images)
     opts = CaptureOptions.of(options, **option_fields)
     source, prompts = capture_inputs(images, prompt, image_ids)
     if batch_size == "auto":
-
         batch_size = auto_batch_size(vlm, source.load(0), prompts[0], positions=opts.positions,
                                      layers=opts.layers)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -485,7 +479,6 @@ def _verified_loader(images, source, prints: Sequence[str]):
     """``load(i)``: image ``i``, whose file content is checked against the fingerprint the
     shard keys were computed from (read once, hashed, decoded from the same bytes), so a
     file rewritten during the run can never be stored under its old content's key."""
-
     if isinstance(images, ImageDataset):  # also checks the file is as it was at load
         return lambda i: images.open(i, expect_sha256=prints[i])
     paths = [p if isinstance(p, str | os.PathLike) else None for p in images]
