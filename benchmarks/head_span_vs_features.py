@@ -1,8 +1,11 @@
-"""The fast head (basis="span") against the paper's |V|-space head (basis="features").
+"""The fast head (basis="span") against the |V|-space head (basis="features").
 
-Both on the same target embeddings (offline model, "probs" space, every criterion of the
-dataset in one run_esmc pass), alpha 0.3, 100 epochs, 10 seeds: NMI and RI mean and std, the
-head's own k-means NMI (the same partition in both by construction), and seconds per fit.
+Three heads on the same target embeddings (offline model, "probs" space, every criterion of
+the dataset in one run_esmc pass), alpha 0.3, 100 epochs, 10 seeds: the default head in the
+span basis and on the features (NeuronAdam: the same head, so the same scores to fp rounding
+and init draws), and the features head with per-weight Adam (the published code's optimizer).
+NMI and RI mean and std, the head's own k-means NMI (the same partition in all three by
+construction), and seconds per fit.
 
     python benchmarks/head_span_vs_features.py --dataset synthetic --json \\
         > benchmarks/results/head-span-vs-features-synthetic.json
@@ -29,6 +32,8 @@ FLOWER = {"color": ("The color of the flower is",
                     "red,pink,white,yellow,purple,orange,blue"),
           "species": ("The species of the flower is",
                       "rose,tulip,daisy,lily,sunflower,orchid,hyacinth,carnation,iris,peony")}
+
+HEADS = (("span", "neuron-adam"), ("features", "neuron-adam"), ("features", "adam"))
 
 
 def embeddings(vlm, dataset: str, workdir: Path):
@@ -71,10 +76,12 @@ def main() -> int:
     for crit, e in emb.items():
         y = ds.y(crit)
         k = len(ds.classes[crit])
-        for basis in ("span", "features"):
+        for basis, optimizer in HEADS:
             df = head_scores(e.X, y, k, 0.3, seeds=range(args.seeds), timing=True,
-                             basis=basis, progress=f"{crit} {basis} (seeds)")
-            rows.append({"criterion": crit, "basis": basis, "target": e.labels,
+                             basis=basis, optimizer=optimizer,
+                             progress=f"{crit} {basis} {optimizer} (seeds)")
+            rows.append({"criterion": crit, "basis": basis, "optimizer": optimizer,
+                         "target": e.labels,
                          "n_images": int(e.X.shape[0]), "dim": int(e.X.shape[1]),
                          "nmi_mean": float(df["nmi"].mean()),
                          "nmi_std": float(df["nmi"].std(ddof=0)),
@@ -82,7 +89,7 @@ def main() -> int:
                          "kmeans_nmi_mean": float(df["kmeans_nmi"].mean()),
                          "seconds_per_fit": float(df["seconds"].mean()),
                          "nmi_per_seed": df["nmi"].round(6).tolist()})
-            print(f"{crit:10s} {basis:8s} NMI {rows[-1]['nmi_mean']:.4f} ± "
+            print(f"{crit:10s} {basis:8s} {optimizer:11s} NMI {rows[-1]['nmi_mean']:.4f} ± "
                   f"{rows[-1]['nmi_std']:.4f}  RI {rows[-1]['ri_mean']:.4f} ± "
                   f"{rows[-1]['ri_std']:.4f}  k-means {rows[-1]['kmeans_nmi_mean']:.4f}  "
                   f"{rows[-1]['seconds_per_fit']:.2f} s/fit", file=sys.stderr, flush=True)

@@ -52,6 +52,7 @@ from .cluster.baselines import (
     score_table,
     vision_baselines,
 )
+from .cluster.head import check_head_options
 from .data.dataset import ImageDataset
 from .data.source import ImageSource
 from .errors import ConfigError, EsmcWarning
@@ -406,7 +407,8 @@ def shared_pass(vlm: VLM, images, criteria: list[Criterion],
 
 def cluster_criterion(X: np.ndarray, y: np.ndarray | None, n_clusters: int, *, alpha: float,
                       seeds: Sequence[int], epochs: int = 100, head_lr: float = 1e-3,
-                      head_basis: str = "auto", baselines: bool = True,
+                      head_basis: str = "auto", head_optimizer: str = "neuron-adam",
+                      baselines: bool = True,
                       answers: Sequence[str] | None = None,
                       vision: ResidualCache | None = None, progress: bool = True
                       ) -> tuple[dict[str, pd.DataFrame], np.ndarray]:
@@ -421,7 +423,8 @@ def cluster_criterion(X: np.ndarray, y: np.ndarray | None, n_clusters: int, *, a
     y_eval = y if y is not None else np.zeros(X.shape[0], dtype=int)
     per_seed: dict[str, pd.DataFrame] = {}
     df, labels = head_scores(X, y_eval, n_clusters, alpha, seeds=seeds, return_labels=True,
-                             epochs=epochs, lr=head_lr, basis=head_basis, progress=progress)
+                             epochs=epochs, lr=head_lr, basis=head_basis,
+                             optimizer=head_optimizer, progress=progress)
     per_seed["ESMC"] = df
     if baselines and y is not None:
         bar = (lambda name: f"{name} (seeds)") if progress else (lambda name: False)
@@ -459,6 +462,7 @@ def run_esmc(
     epochs: int = 100,
     head_lr: float = 1e-3,
     head_basis: str = "auto",
+    head_optimizer: str = "neuron-adam",
     baselines: bool = True,
     batch_size: int = 8,
     progress: bool = True,
@@ -474,8 +478,10 @@ def run_esmc(
     classes when labels exist (a mapping gives one per criterion). ``keywords``: a list, or
     a mapping criterion name -> list; none: the LM's (``keyword_source="auto"``).
     ``cache_dir``: keep the captures on disk there, so an interrupted run resumes.
-    ``head_basis``: where the head runs (:class:`~esmc_lens.cluster.head.PseudoLabelHead`'s
-    ``basis``; "features" is the paper's |V|-space head).
+    ``head_basis``, ``head_optimizer``: :class:`~esmc_lens.cluster.head.PseudoLabelHead`'s
+    ``basis`` ("features": the |V|-space head, "span": the same head in n dimensions) and
+    ``optimizer`` ("neuron-adam", or "adam": the published code's per-weight Adam, which runs
+    on the features only).
 
     Every criterion is captured in one pass over the images (:func:`shared_pass`), the
     answers of the Output baseline generated from the same prefill, unless the model's family
@@ -490,6 +496,7 @@ def run_esmc(
                      n_clusters=n_clusters, alpha=alpha, tau=tau, n_samples=n_samples,
                      batch_size=batch_size, n_seeds=n_seeds, epochs=epochs, seed=seed,
                      head_lr=head_lr)
+    check_head_options(head_basis, head_optimizer)
     t0 = time.perf_counter()
     criteria = as_criteria(prompt, criterion)
     if y_true is not None and len(criteria) > 1:
@@ -556,8 +563,8 @@ def run_esmc(
         t = time.perf_counter()
         per_seed, labels = cluster_criterion(
             emb.X, y, ks[c.name], alpha=alpha, seeds=seeds, epochs=epochs, head_lr=head_lr,
-            head_basis=head_basis, baselines=baselines, answers=answers, vision=emb.cache,
-            progress=progress)
+            head_basis=head_basis, head_optimizer=head_optimizer, baselines=baselines,
+            answers=answers, vision=emb.cache, progress=progress)
         clusters = name_clusters(emb.vocab, labels, vlm.tokenizer, keywords=kw.words,
                                  keyword_groups=keyword_token_ids(vlm.tokenizer, kw.words),
                                  y_true=y, class_names=names)
@@ -576,6 +583,7 @@ def run_esmc(
                       "n_samples": n_samples, "seed": seed, "n_seeds": n_seeds,
                       "epochs": epochs, "head_lr": head_lr, "space": space,
                       "keyword_source": keyword_source, "head_basis": head_basis,
+                      "head_optimizer": head_optimizer,
                       # one pass over the images for all criteria, or why not
                       "one_pass": why_not is None, "one_pass_why_not": why_not,
                       # dataset indices of the images Algorithm 1 sampled

@@ -163,31 +163,41 @@ def test_cli_bench_json(capsys, tmp_path):
         run_bench(model="tiny", n_images=4, phases=["head"], inline=True)
 
 
+@pytest.mark.parametrize("optimizer", ["neuron-adam", "adam"])
 @pytest.mark.parametrize("batch_size", [None, 7])
-def test_head_fit_loop_is_bit_identical_to_the_autograd_loop(batch_size):
+def test_head_fit_loop_is_bit_identical_to_the_autograd_loop(batch_size, optimizer):
     """The head's preallocated first-layer gradients change speed, not results."""
+    import math
+
     import numpy as np
     from sklearn.utils import check_random_state
     from torch import nn
 
     from esmc_lens.cluster.head import PseudoLabelHead, _init_linear
+    from esmc_lens.cluster.optim import NeuronAdam
 
     rng = np.random.default_rng(0)
     X = (rng.normal(size=(60, 300)) + np.repeat(np.eye(3, 300) * 4, 20, 0)).astype(np.float32)
     est = PseudoLabelHead(n_clusters=3, alpha=0.4, hidden_dim=32, epochs=15, lr=1e-2,
-                          batch_size=batch_size, random_state=3, basis="features").fit(X)
+                          batch_size=batch_size, random_state=3, basis="features",
+                          optimizer=optimizer).fit(X)
     # the loop as it was: autograd allocates every gradient
     seeds = check_random_state(3)
     seeds.randint(np.iinfo(np.int32).max)
+    weight_gen = torch.Generator().manual_seed(int(seeds.randint(np.iinfo(np.int32).max)))
     gen = torch.Generator().manual_seed(int(seeds.randint(np.iinfo(np.int32).max)))
     with torch.random.fork_rng(devices=[]):
         head = nn.Sequential(nn.Linear(300, 32), nn.ReLU(), nn.Linear(32, 3))
-    for layer in head:
-        if isinstance(layer, nn.Linear):
-            _init_linear(layer, gen)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(head[0].weight, a=math.sqrt(5), generator=weight_gen)
+        nn.init.uniform_(head[0].bias, -300 ** -0.5, 300 ** -0.5, generator=gen)
+    _init_linear(head[2], gen)
     inputs = torch.from_numpy(X[est.pseudo_indices_] * np.float32(est.input_scale_))
     targets = torch.from_numpy(est.pseudo_labels_)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2, fused=True)
+    opt = (torch.optim.Adam(head.parameters(), lr=1e-2, fused=True) if optimizer == "adam" else
+           NeuronAdam([{"params": [head[0].weight]},
+                       {"params": [head[0].bias, *head[2].parameters()], "pooled": False}],
+                      lr=1e-2))
     n = inputs.shape[0]
     batch = n if batch_size is None else batch_size
     curve = []

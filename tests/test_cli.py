@@ -127,10 +127,41 @@ def test_keywords_once_per_criterion(tmp_path, synth, monkeypatch):
     assert seen == {}  # refused before the model loads
 
 
-def test_head_basis_choices_are_the_heads_bases():
+def test_head_choices_are_the_heads_bases_and_optimizers():
     from esmc_lens.apps.cli import build_parser
-    from esmc_lens.cluster.head import BASES
+    from esmc_lens.cluster.head import BASES, OPTIMIZERS, PseudoLabelHead
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]
-    action = next(a for a in run._actions if a.dest == "head_basis")
-    assert tuple(action.choices) == BASES and action.default == "auto"
+    action = {a.dest: a for a in run._actions}
+    assert tuple(action["head_basis"].choices) == BASES
+    assert tuple(action["head_optimizer"].choices) == OPTIMIZERS
+    head = PseudoLabelHead()
+    assert action["head_basis"].default == head.basis == "auto"
+    assert action["head_optimizer"].default == head.optimizer == "neuron-adam"
+
+
+@pytest.mark.parametrize(("flags", "basis", "optimizer", "span"), [
+    ([], "auto", "neuron-adam", True),
+    (["--head-basis", "features", "--head-optimizer", "adam"], "features", "adam", False),
+])
+def test_head_options_reach_the_head_and_results(tmp_path, synth, tiny_vlm, monkeypatch,
+                                                 flags, basis, optimizer, span):
+    from esmc_lens.cluster import head as head_module
+
+    fitted = []
+    real_fit = head_module.PseudoLabelHead.fit
+
+    def fit(self, X, y=None, span=None):
+        out = real_fit(self, X, y, span=span)
+        fitted.append((self.basis, self.optimizer, hasattr(self, "span_")))
+        return out
+
+    monkeypatch.setattr(head_module.PseudoLabelHead, "fit", fit)
+    out = tmp_path / "run"
+    assert main(["run", "--model", "tiny", "--data", str(synth), "--criterion", "color",
+                 "--prompt", "The color of the object is", "--keywords", "red,green,blue",
+                 "--n-seeds", "2", "--n-samples", "4", "--no-baselines", "--quiet",
+                 *flags, "--out", str(out)]) == 0
+    assert fitted == [(basis, optimizer, span)] * 2  # one fit per seed
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert (settings["head_basis"], settings["head_optimizer"]) == (basis, optimizer)

@@ -12,7 +12,12 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from esmc_lens.cluster.head import PseudoLabelHead, SpanBasis, select_pseudo_labels
+from esmc_lens.cluster import head as head_module
+from esmc_lens.cluster.head import (
+    PseudoLabelHead,
+    SpanBasis,
+    select_pseudo_labels,
+)
 
 # sklearn's generic checks force n_clusters=1 in these four; a one-cluster head is
 # meaningless (constant argmax) and PseudoLabelHead rejects n_clusters < 2 by design.
@@ -26,7 +31,8 @@ EXPECTED_FAILED_CHECKS = {
 
 
 @parametrize_with_checks(
-    [PseudoLabelHead(epochs=20, hidden_dim=16, n_init=2, random_state=0),
+    [PseudoLabelHead(epochs=60, hidden_dim=16, n_init=2, random_state=0, lr=1e-2),
+     PseudoLabelHead(epochs=60, hidden_dim=16, n_init=2, random_state=0, optimizer="adam"),
      PseudoLabelHead(epochs=60, hidden_dim=16, n_init=2, random_state=0, basis="span")],
     expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS,
     xfail_strict=True,  # each listed check must really fail, for the stated reason
@@ -180,29 +186,37 @@ def test_y_is_ignored(blobs: tuple[np.ndarray, np.ndarray]) -> None:
         assert a.loss_curve_ == other.loss_curve_
 
 
-def test_last_epoch_is_kept(blobs: tuple[np.ndarray, np.ndarray], monkeypatch) -> None:
+@pytest.mark.parametrize(("optimizer", "lr", "epochs"), [("adam", 1.0, 8),
+                                                      ("neuron-adam", 2.0, 6)])
+def test_last_epoch_is_kept(blobs: tuple[np.ndarray, np.ndarray], monkeypatch,
+                            optimizer: str, lr: float, epochs: int) -> None:
     # No model selection: with a learning rate that makes the loss jump about, the best
     # epoch is not the last one, and the head kept is the one after the final update.
     X, _ = blobs
     after_step: list[list[torch.Tensor]] = []
+    base = torch.optim.Adam if optimizer == "adam" else head_module.NeuronAdam
 
-    class RecordingAdam(torch.optim.Adam):
+    class Recording(base):  # type: ignore[misc,valid-type]
         def step(self, closure=None):  # type: ignore[no-untyped-def]
             out = super().step(closure)
-            after_step.append([p.detach().clone() for g in self.param_groups
-                               for p in g["params"]])
+            after_step.append({id(p): p.detach().clone() for g in self.param_groups
+                               for p in g["params"]})
             return out
 
-    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
-    est = small(n_clusters=4, epochs=8, lr=1.0).fit(X)  # full batch: one step per epoch
-    assert len(after_step) == 8
+    if optimizer == "adam":
+        monkeypatch.setattr(torch.optim, "Adam", Recording)
+    else:
+        monkeypatch.setattr(head_module, "NeuronAdam", Recording)
+    est = small(n_clusters=4, epochs=epochs, lr=lr, optimizer=optimizer).fit(X)  # full batch
+    assert len(after_step) == epochs  # one step per epoch
     curve = est.loss_curve_
     best = int(np.argmin(curve))
-    assert best < 7 and curve[best] < curve[-1] / 2, curve  # the best epoch is another one
-    kept = [p.detach() for p in est.head_.parameters()]
-    assert all(torch.equal(a, b) for a, b in zip(kept, after_step[-1], strict=True))
+    assert best < epochs - 1 and curve[best] < curve[-1] / 2, curve  # the best epoch is another one
+    kept = list(est.head_.parameters())
+    assert {id(p) for p in kept} == set(after_step[-1])  # every parameter was stepped
+    assert all(torch.equal(p.detach(), after_step[-1][id(p)]) for p in kept)
     for epoch, params in enumerate(after_step[:-1]):  # and it is no earlier epoch's head
-        assert not all(torch.equal(a, b) for a, b in zip(kept, params, strict=True)), epoch
+        assert not all(torch.equal(p.detach(), params[id(p)]) for p in kept), epoch
     Z = torch.as_tensor(X * est.input_scale_, dtype=torch.float32)
     with torch.no_grad():
         np.testing.assert_array_equal(est.head_(Z).argmax(1).numpy(), est.labels_)
@@ -359,3 +373,40 @@ def test_span_is_auto_for_wide_features_and_reusable(wide, blobs) -> None:
         small(n_clusters=3).fit(X[:, ::-1].copy(), span=auto.span_)
     with pytest.raises(ValueError, match="basis must be one of"):
         small(basis="vocab").fit(X)
+
+
+@pytest.mark.parametrize("kw", [{}, {"batch_size": 7}, {"weight_decay": 0.05}])
+def test_span_head_is_the_features_head_from_the_same_init(wide, monkeypatch, kw) -> None:
+    """Started from P_0 = W_0 Q (the span head's weights drawn as the projection of the
+    features head's own W_0), NeuronAdam walks one path in both bases: the same pseudo-labels,
+    loss curve and outputs, to fp rounding (full batch, minibatches, decoupled decay)."""
+    X, _ = wide
+
+    def projected(hidden_dim, n_features, projection, generator):
+        w0 = torch.empty(hidden_dim, n_features)
+        torch.nn.init.kaiming_uniform_(w0, a=math.sqrt(5), generator=generator)
+        return w0 @ torch.from_numpy(projection)
+
+    feat = small(n_clusters=3, basis="features", lr=1e-2, epochs=40, **kw).fit(X)
+    monkeypatch.setattr(head_module, "_span_init", projected)
+    span = small(n_clusters=3, basis="span", lr=1e-2, epochs=40, **kw).fit(X)
+    assert np.array_equal(span.pseudo_indices_, feat.pseudo_indices_)
+    assert feat.loss_curve_[-1] < feat.loss_curve_[0] / 4  # it trained
+    np.testing.assert_allclose(span.loss_curve_, feat.loss_curve_, rtol=2e-4, atol=1e-6)
+    logits_f = feat._logits(feat._head_input(X))
+    logits_s = span._logits(span._head_input(X))
+    np.testing.assert_allclose(logits_s, logits_f, rtol=0, atol=2e-3 * np.abs(logits_f).max())
+    assert np.array_equal(span.labels_, feat.labels_)
+    # Per-weight Adam from the same start does not stay on that path: why it has no span form.
+    adam = small(n_clusters=3, basis="features", lr=1e-2, epochs=40, optimizer="adam",
+                 **kw).fit(X)
+    assert np.abs(np.array(adam.loss_curve_) - feat.loss_curve_).max() > 1e-3
+
+
+def test_per_weight_adam_runs_on_the_features_only(wide) -> None:
+    X, _ = wide
+    assert "span_" not in small(n_clusters=3, optimizer="adam").fit(X).__dict__
+    with pytest.raises(ValueError, match="basis='span' needs optimizer='neuron-adam'"):
+        small(n_clusters=3, basis="span", optimizer="adam").fit(X)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        small(optimizer="sgd").fit(X)

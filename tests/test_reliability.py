@@ -464,6 +464,9 @@ def test_lens_checks_the_image_before_the_model_loads(tmp_path, capsys, no_model
     ({"y_true": [0, 1]}, r"y_true must be 8 integer labels"),
     ({"criterion": 3}, r"criterion=3: expected a criterion folder name"),
     ({"head_lr": -1.0}, r"head_lr=-1.0"),
+    ({"head_basis": "vocab"}, r"basis must be one of .* got 'vocab'"),
+    ({"head_optimizer": "sgd"}, r"optimizer must be one of .* got 'sgd'"),
+    ({"head_basis": "span", "head_optimizer": "adam"}, r"basis='span' needs optimizer="),
     ({"baselines": "no"}, r"baselines='no': expected True or False"),
 ])
 def test_api_arguments_are_checked_at_the_boundary(tiny_vlm, synth, kwargs, match,

@@ -4,24 +4,29 @@
 2. In every k-means cluster, the ``ceil(alpha * n_k)`` members nearest to that cluster's
    OWN centroid (by the k-means assignment, never by ground truth) become pseudo-labelled
    training samples with label k.
-3. A 2-layer MLP ``d -> hidden_dim -> K`` is trained on them with cross-entropy and Adam
-   for ``epochs`` epochs; the model after the LAST epoch is used (no model selection).
+3. A 2-layer MLP ``d -> hidden_dim -> K`` is trained on them with cross-entropy for
+   ``epochs`` epochs; the model after the LAST epoch is used (no model selection). The
+   optimizer is :class:`~esmc_lens.cluster.optim.NeuronAdam` (Adam with one second moment
+   per first-layer unit, so that its path does not depend on the input axes), or
+   ``optimizer="adam"``, per-weight Adam as in the published code. (The paper names no
+   optimizer; the published code runs per-weight Adam, lr 1e-4, for 200 epochs.)
 4. Every sample is labelled by the argmax of the head.
 
 ``basis="span"`` (the default for more features than samples, e.g. |V| = 49,152-dim
-vocabulary vectors of a few hundred images) works in the span of the n training rows,
-which holds every one of them: k-means runs on their coordinates in an orthonormal basis
-of it (:class:`SpanBasis`; every distance kept, so the partition and the pseudo-labels are
-those of the |V|-dimensional vectors, to fp rounding), and the MLP's first layer reads each
-row's inner products with the n training rows (``S = Z Z^T``, scaled to the rows' L1 mass)
-through ``W''``: ``W'' Z`` is a |V|-wide first layer, so on the data the function class is
-the paper's ``|V| -> 512 -> K``, and the first layer starts as the paper's would (the same
-distribution of functions). What cannot be carried over is Adam's path: Adam scales each
-coordinate's step by that coordinate's own gradient history, so its trajectory depends on
-the axes (vocabulary tokens in the paper's head; training rows here), and no n-dimensional
-form follows the |V| axes' trajectory exactly. The two heads' scores are compared in
-``benchmarks/README.md`` (they differ by more than seed noise on some criteria).
-``basis="features"`` is the paper's head on the raw axes (|V| x 512 weights, Adam on them).
+vocabulary vectors of a few hundred images) is the same head computed in n dimensions. The
+n training rows span at most n directions; k-means runs on their coordinates in an
+orthonormal basis of that span (:class:`SpanBasis`: every distance kept, so the partition
+and the pseudo-labels are those of the |V|-dimensional vectors, to fp rounding) and the
+MLP's first layer reads the same coordinates: ``W`` on the features and ``P = W Q`` on the
+coordinates ``Q^T z`` give the same pre-activations, every gradient of ``W`` lies in the
+span (``G = delta^T Z``), and NeuronAdam's step is the same in any orthonormal basis. So
+from ``P_0 = W_0 Q`` the two heads follow one path (tested to fp rounding in
+``tests/test_head.py``). ``P_0`` is drawn as ``W_0 Q`` is distributed (uncorrelated, of the
+variance of ``nn.Linear``'s init for n_features inputs) rather than by drawing the
+hidden_dim x n_features matrix and projecting it; the scores of both heads over 10 seeds are
+in ``benchmarks/README.md``. Per-weight Adam has no such form (its step depends on the axes),
+so ``optimizer="adam"`` always runs on the features.
+``basis="features"`` is the paper's head on the raw axes (|V| x 512 weights).
 
 The published code picks pseudo-labels by distance to ``centroids[true_labels]`` and
 reports the best epoch judged against the ground truth; both leak labels and are not done
@@ -42,9 +47,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-__all__ = ["BASES", "PseudoLabelHead", "SpanBasis", "select_pseudo_labels"]
+from ..errors import ConfigError
+from .optim import NeuronAdam
+
+__all__ = ["BASES", "OPTIMIZERS", "PseudoLabelHead", "SpanBasis", "check_head_options",
+           "select_pseudo_labels"]
 
 BASES = ("auto", "span", "features")
+OPTIMIZERS = ("neuron-adam", "adam")
 
 # Rows per forward pass at prediction time: bounds memory for |V| = 32000-dim inputs
 # (1024 x 32000 float32 = 131 MB).
@@ -99,21 +109,43 @@ def select_pseudo_labels(
     return np.concatenate(indices).astype(np.int64), np.concatenate(labels)
 
 
-def _init_linear(layer: nn.Linear, generator: torch.Generator, fan_in: int | None = None) -> None:
-    """PyTorch's default ``nn.Linear`` init, but drawn from a local generator.
+def check_head_options(basis: str, optimizer: str) -> None:
+    """Raise ``ConfigError`` (a ``ValueError``) for a basis or optimizer the head lacks, or
+    the one pair that is not the same head: per-weight Adam in the span basis."""
+    if basis not in BASES:
+        raise ConfigError(f"basis must be one of {BASES}, got {basis!r} (--head-basis)")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r} "
+                          "(--head-optimizer)")
+    if basis == "span" and optimizer == "adam":
+        raise ConfigError("basis='span' needs optimizer='neuron-adam': per-weight Adam's path "
+                          "depends on the axes, so in the span basis it would not be the same "
+                          "head; use basis 'features' (or 'auto') with 'adam'")
 
-    ``fan_in``: init as the layer of that input width would be (U(+-1/sqrt(fan_in)) for
-    weight and bias): a layer on span coordinates stands for one on all the features, and
-    ``W Q`` of such a ``W`` has entries of that same variance.
-    """
-    if fan_in is not None:
-        bound = 1.0 / math.sqrt(fan_in)
-        nn.init.uniform_(layer.weight, -bound, bound, generator=generator)
-        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-        return
+
+def _init_linear(layer: nn.Linear, generator: torch.Generator) -> None:
+    """PyTorch's default ``nn.Linear`` init, but drawn from a local generator."""
     nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
     bound = 1.0 / math.sqrt(layer.in_features) if layer.in_features > 0 else 0.0
     nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+def _span_init(hidden_dim: int, n_features: int, projection: np.ndarray,
+               generator: torch.Generator) -> torch.Tensor:
+    """First-layer weights [hidden_dim, rank] on span coordinates, distributed as ``W_0 Q``.
+
+    ``W_0`` (``nn.Linear``'s init for ``n_features`` inputs) has i.i.d. U(+-1/sqrt(n_features))
+    entries, variance 1 / (3 n_features); ``Q`` [n_features, rank] has orthonormal columns, so
+    ``W_0 Q`` has uncorrelated entries of that variance; each is a sum over the n_features
+    weights, Gaussian as far as the central limit holds (not quite where a column of ``Q``
+    sits on a few features). They are drawn Gaussian of that variance: hidden_dim x rank
+    numbers instead of hidden_dim x n_features and a product. The distribution is the only
+    difference between the two heads (``tests/test_head.py`` starts the span head from
+    ``W_0 Q`` itself and gets the features head's path).
+    """
+    std = 1.0 / math.sqrt(3.0 * n_features)
+    return torch.randn(hidden_dim, projection.shape[1], generator=generator,
+                       dtype=torch.float32) * std
 
 
 class SpanBasis:
@@ -140,22 +172,22 @@ class SpanBasis:
         # float32 rounding of the product would not survive.
         self.projection = (Z64.T @ (U / root)).astype(np.float32)
         self.sq_norms = np.einsum("ij,ij->i", self.coords, self.coords)
-        self.l1_norms = np.abs(Z).sum(axis=1, dtype=np.float64)  # [n]
         self.n_features = Z.shape[1]
 
     @property
     def rank(self) -> int:
         return self.coords.shape[1]
 
-    def matches(self, Z: np.ndarray) -> bool:
-        """Was this basis built from ``Z``? (shape, row norms, and four rows projected)"""
+    def matches(self, Z: np.ndarray, scale: float = 1.0) -> bool:
+        """Was this basis built from ``Z * scale``? (shape, row norms, four rows projected;
+        ``scale`` saves the caller a scaled copy of ``Z``)"""
         if Z.shape != (self.coords.shape[0], self.n_features):
             return False
-        norms = np.einsum("ij,ij->i", Z, Z)  # in Z's dtype: a check, not a measurement
+        norms = np.einsum("ij,ij->i", Z, Z) * scale**2  # in Z's dtype: a check
         if not np.allclose(norms, self.sq_norms, rtol=1e-4, atol=1e-12):
             return False
         rows = np.linspace(0, Z.shape[0] - 1, min(4, Z.shape[0])).astype(int)
-        err = np.abs(self.transform(Z[rows]) - self.coords[rows]).max()
+        err = np.abs(self.transform(Z[rows] * scale) - self.coords[rows]).max()
         return bool(err <= 1e-3 * math.sqrt(float(self.sq_norms.max())))
 
     def transform(self, Z: np.ndarray) -> np.ndarray:
@@ -177,11 +209,12 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
     epochs : int, default 100
         Training epochs; the final epoch's model is kept.
     lr : float, default 1e-3
-        Adam learning rate.
+        Learning rate.
     batch_size : int or None, default None
         Minibatch size; None trains full-batch on all pseudo-labelled samples.
     weight_decay : float, default 0.0
-        Adam weight decay.
+        Weight decay: decoupled (AdamW's rule) with "neuron-adam", Adam's L2 term with
+        "adam".
     standardize : bool, default False
         Z-score features (statistics over all of ``X`` in ``fit``) before k-means and the
         MLP. Constant features are left centred but unscaled.
@@ -201,10 +234,14 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         Torch device for the MLP.
     basis : "auto", "span" or "features", default "auto"
         Where k-means and the MLP run: "span" in an orthonormal basis of the training
-        rows' span (:class:`SpanBasis`; n coordinates instead of n_features: same
-        distances, same function class, a different Adam path, see the module doc),
-        "features" on the raw feature axes (the paper's head), "auto" "span" when there
-        are more features than samples.
+        rows' span (:class:`SpanBasis`; n coordinates instead of n_features: the same
+        head, see the module doc), "features" on the raw feature axes (the paper's
+        head), "auto" "span" when there are more features than samples and the optimizer
+        is "neuron-adam".
+    optimizer : "neuron-adam" or "adam", default "neuron-adam"
+        :class:`~esmc_lens.cluster.optim.NeuronAdam` (one second moment per first-layer
+        unit: the same path in any basis), or per-weight :class:`torch.optim.Adam` (the
+        published code's; its path depends on the axes, so it runs on the features only).
 
     Attributes
     ----------
@@ -231,10 +268,8 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         The factor applied to the (standardised) features: ~1 / RMS, a power of two, if
         ``rescale``, else 1.
     span_ : SpanBasis
-        The basis k-means ran in (only with ``basis="span"``, or "auto" choosing it).
-    similarity_scale_ : float
-        With ``span_``: the MLP reads ``span_.transform(Z) @ span_.coords.T /
-        similarity_scale_`` (inner products with the training rows, at their L1 mass).
+        The basis k-means and the MLP ran in (only with ``basis="span"``, or "auto"
+        choosing it): the MLP reads ``span_.transform(Z)``.
     """
 
     def __init__(
@@ -252,6 +287,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         random_state: int | np.random.RandomState | None = None,
         device: str = "cpu",
         basis: str = "auto",
+        optimizer: str = "neuron-adam",
     ) -> None:
         self.n_clusters = n_clusters
         self.alpha = alpha
@@ -266,6 +302,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         self.random_state = random_state
         self.device = device
         self.basis = basis
+        self.optimizer = optimizer
 
     def _check_params(self, n_samples: int) -> None:
         def is_int(v: object) -> bool:
@@ -295,8 +332,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not float(self.weight_decay) >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.basis not in BASES:
-            raise ValueError(f"basis must be one of {BASES}, got {self.basis!r}")
+        check_head_options(self.basis, self.optimizer)
 
     def _transform(self, X: np.ndarray) -> np.ndarray:
         if self.standardize:
@@ -337,65 +373,62 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         else:  # drop statistics of an earlier standardized fit
             for name in ("mean_", "scale_"):
                 self.__dict__.pop(name, None)
+        Z = (X - self.mean_) / self.scale_ if self.standardize else X  # [n, d], no copy
         self.input_scale_ = 1.0
-        Z = self._transform(X)
         if self.rescale:
             rms = math.sqrt(float(np.einsum("ij,ij->", Z, Z, dtype=np.float64)) / Z.size)
             # A power of two: scaling is then exact in floating point, so k-means and the
             # pseudo-labels are bit for bit those of the unscaled features.
             self.input_scale_ = 2.0 ** -round(math.log2(rms)) if rms > 0 else 1.0
-            Z = Z * np.asarray(self.input_scale_, dtype=Z.dtype)
+        scale = np.asarray(self.input_scale_, dtype=Z.dtype)
 
-        fan_in = None
-        for name in ("span_", "similarity_scale_"):
-            self.__dict__.pop(name, None)
-        if self.basis == "span" or (self.basis == "auto" and Z.shape[1] > n_samples):
-            if span is not None and not span.matches(Z):
+        self.__dict__.pop("span_", None)
+        if self.basis == "span" or (self.basis == "auto" and self.optimizer == "neuron-adam"
+                                    and Z.shape[1] > n_samples):
+            if span is not None and not span.matches(Z, float(scale)):
                 raise ValueError("span= was built from other features: pass the span_ of a "
                                  "fit on the same X (same standardize and rescale), or None")
-            self.span_ = span if span is not None else SpanBasis(Z)
-            # The paper's first layer has n_features inputs: init as it would be.
-            Z, fan_in = self.span_.coords, X.shape[1]
+            # Every later step reads the span coordinates only: no scaled |V|-wide copy.
+            self.span_ = span if span is not None else SpanBasis(Z * scale)
+            Z = self.span_.coords
+        else:
+            Z = Z * scale
 
         km = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=kmeans_seed)
         assignment = km.fit_predict(Z).astype(np.int64)
         self.kmeans_labels_ = assignment
-        self.cluster_centers_ = (km.cluster_centers_ if fan_in is None else
-                                 km.cluster_centers_ @ self.span_.projection.T.astype(Z.dtype))
+        # Back from span coordinates in the features' float32 (as k-means on float32 features
+        # would give them), not a float64 copy of the |V| x n projection.
+        self.cluster_centers_ = (km.cluster_centers_ if not hasattr(self, "span_") else
+                                 km.cluster_centers_.astype(np.float32)
+                                 @ self.span_.projection.T)
         self.pseudo_indices_, self.pseudo_labels_ = select_pseudo_labels(
             Z, assignment, km.cluster_centers_, float(self.alpha)
         )
 
         device = torch.device(self.device)
-        generator = torch.Generator(device="cpu").manual_seed(torch_seed)
-        if fan_in is not None:
-            # The MLP reads each row's similarity to the n training rows (module doc).
-            sim = Z @ Z.T
-            self.similarity_scale_ = float(np.abs(sim).sum(1).mean()
-                                           / max(float(self.span_.l1_norms.mean()), 1e-300))
-        in_dim = Z.shape[1] if fan_in is None else n_samples
+        # Two streams: the first layer's weights, and everything else (its bias, the second
+        # layer, the shuffling). The span head draws its weights differently (module doc);
+        # the rest of a fit is then the same draws in both bases.
+        weight_gen = torch.Generator(device="cpu").manual_seed(torch_seed)
+        generator = torch.Generator(device="cpu").manual_seed(
+            int(rng.randint(np.iinfo(np.int32).max)))
         # nn.Linear's constructor draws its default init from the global RNG; fork it so
-        # the caller's RNG stream is untouched, then re-draw from the local generator.
+        # the caller's RNG stream is untouched, then re-draw from the local generators.
         with torch.random.fork_rng(devices=[]):
             head = nn.Sequential(
-                nn.Linear(in_dim, self.hidden_dim),
+                nn.Linear(Z.shape[1], self.hidden_dim),
                 nn.ReLU(),
                 nn.Linear(self.hidden_dim, self.n_clusters),
             )
-            first = nn.Linear(Z.shape[1], self.hidden_dim) if fan_in is not None else None
-        if first is None:
-            _init_linear(head[0], generator)
-        else:
-            # W on the span coordinates, initialised as the paper's n_features-input layer
-            # (U(+-1/sqrt(n_features)): W Q of such a layer has entries of that variance),
-            # then carried over to the similarities S = C C^T / scale as W'' = scale W C^+,
-            # so that W'' S = W C: the same function at init.
-            _init_linear(first, generator, fan_in)
-            w = first.weight.detach().double().numpy() @ np.linalg.pinv(Z)
-            with torch.no_grad():
-                head[0].weight.copy_(torch.from_numpy(w * self.similarity_scale_))
-                head[0].bias.copy_(first.bias)
-            Z = sim / self.similarity_scale_
+        bound = 1.0 / math.sqrt(X.shape[1])  # nn.Linear's bias init for n_features inputs
+        with torch.no_grad():
+            if hasattr(self, "span_"):
+                head[0].weight.copy_(_span_init(self.hidden_dim, X.shape[1],
+                                                self.span_.projection, weight_gen))
+            else:
+                nn.init.kaiming_uniform_(head[0].weight, a=math.sqrt(5), generator=weight_gen)
+            nn.init.uniform_(head[0].bias, -bound, bound, generator=generator)
         _init_linear(head[2], generator)
         head = head.to(device=device, dtype=torch.float32)
 
@@ -403,12 +436,18 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         targets = torch.as_tensor(self.pseudo_labels_, dtype=torch.long, device=device)
         n_train = inputs.shape[0]
         batch = n_train if self.batch_size is None else min(int(self.batch_size), n_train)
-        # The fused kernel halves the step time on CPU (the update of the |V| x 512 first
-        # layer is memory bound); same arithmetic as the default implementation.
-        optimizer = torch.optim.Adam(
-            head.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay),
-            fused=device.type in ("cpu", "cuda"),
-        )
+        if self.optimizer == "adam":
+            # The fused kernel halves the step time on CPU (the update of the |V| x 512 first
+            # layer is memory bound); same arithmetic as the default implementation.
+            optimizer = torch.optim.Adam(
+                head.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay),
+                fused=device.type in ("cpu", "cuda"),
+            )
+        else:
+            optimizer = NeuronAdam(
+                [{"params": [head[0].weight]},
+                 {"params": [head[0].bias, *head[2].parameters()], "pooled": False}],
+                lr=float(self.lr), weight_decay=float(self.weight_decay))
         loss_fn = nn.CrossEntropyLoss()
         self.loss_curve_ = []
         head.train()
@@ -449,10 +488,7 @@ class PseudoLabelHead(ClusterMixin, BaseEstimator):
         coordinates (a row's part outside the training span is dropped: in the paper's
         head it meets only the untrained initial weights)."""
         Z = self._transform(X)
-        if not hasattr(self, "span_"):
-            return Z
-        return (self.span_.transform(Z) @ self.span_.coords.T.astype(np.float32)
-                / np.float32(self.similarity_scale_))
+        return self.span_.transform(Z) if hasattr(self, "span_") else Z
 
     def _logits(self, Z: np.ndarray) -> np.ndarray:
         """Head outputs for already-transformed inputs, shape (n, n_clusters), float32."""
